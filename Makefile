@@ -1,0 +1,40 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+DEMO_ROOT ?= demo_data
+DEMO_OUT  ?= outputs/demo
+DEMO_N    ?= 500
+DEMO_SIZE ?= 256
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_ROOT)/.complete: $(STAMP)
+	$(BIN)/python -m ssl_ptx.data.demo --root $(DEMO_ROOT) --n-siim $(DEMO_N) --size $(DEMO_SIZE) --seed 0
+	touch $@
+
+demo: $(DEMO_ROOT)/.complete
+	$(BIN)/python recipes/prepare_data.py --siim-dir $(DEMO_ROOT)/siim --out $(DEMO_OUT) --size $(DEMO_SIZE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check ssl_ptx external_data recipes tests benchmarks
+	$(BIN)/ruff format --check ssl_ptx external_data recipes tests benchmarks
+
+bench: $(DEMO_ROOT)/.complete
+	$(BIN)/python benchmarks/bench_data.py --siim-dir $(DEMO_ROOT)/siim
+
+clean:
+	rm -rf $(DEMO_ROOT) outputs .pytest_cache
