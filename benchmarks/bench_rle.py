@@ -60,12 +60,20 @@ def _per_row_seconds(fn, items) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline-rows", type=int, default=200, help="rows timed with the loop versions")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--baseline-rows", type=int, default=200, help="rows timed with the loop versions"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    csv = Path(importlib.util.find_spec("torchxrayvision").origin).parent / "data" / "siim-pneumothorax-train-rle.csv.gz"
+    csv = (
+        Path(importlib.util.find_spec("torchxrayvision").origin).parent
+        / "data"
+        / "siim-pneumothorax-train-rle.csv.gz"
+    )
     values = pd.read_csv(csv).iloc[:, 1].str.strip().tolist()
     masks = [rle.decode(v) for v in values]
 
@@ -91,7 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     width = max(map(len, figures))
     for key, value in figures.items():
-        print(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+        print(
+            f"{key:<{width}}  {value:,.3f}"
+            if isinstance(value, float)
+            else f"{key:<{width}}  {value}"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return figures

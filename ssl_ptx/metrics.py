@@ -95,7 +95,9 @@ def dice_breakdown(pred: Masks, target: Masks) -> DiceBreakdown:
     return DiceBreakdown(
         dice=float(scores.mean()),
         dice_positive=float(scores[positive].mean()) if positive.any() else float("nan"),
-        false_positive_rate=float((n_pred[negative] > 0).mean()) if negative.any() else float("nan"),
+        false_positive_rate=float((n_pred[negative] > 0).mean())
+        if negative.any()
+        else float("nan"),
         n_positive=int(positive.sum()),
         n_negative=int(negative.sum()),
     )

@@ -88,7 +88,9 @@ def _runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
         bad = next(p for p in parts if not p.lstrip("+-").isdigit())
         raise ValueError(f"RLE token {bad!r} is not an integer") from None
     if tokens.size % 2:
-        raise ValueError(f"RLE has an odd number of tokens ({tokens.size}); expected start/length pairs")
+        raise ValueError(
+            f"RLE has an odd number of tokens ({tokens.size}); expected start/length pairs"
+        )
     if (tokens < 0).any():
         raise ValueError(f"RLE has a negative number ({int(tokens[tokens < 0][0])})")
     gaps, lengths = tokens[0::2], tokens[1::2]
