@@ -13,7 +13,7 @@ import numpy as np
 
 from ssl_ptx.fileio import atomic_write_bytes
 
-__all__ = ["contact_sheet", "outline_mask", "write_png"]
+__all__ = ["cache_contact_sheet", "contact_sheet", "outline_mask", "write_png"]
 
 OUTLINE_BGR = (0, 0, 255)  # red outline on the grey X-ray
 
@@ -87,3 +87,39 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     if not ok:
         raise ValueError(f"could not encode an image of shape {image.shape} as PNG for {path}")
     return atomic_write_bytes(path, data.tobytes())
+
+
+def cache_contact_sheet(
+    cache_path: str | Path, *, n: int = 24, seed: int = 0, columns: int = 6, tile: int = 256
+) -> np.ndarray:
+    """A contact sheet of images from an HDF5 cache, masks outlined, half of them positive.
+
+    Args:
+        cache_path: a cache written by :func:`ssl_ptx.data.cache.build_cache`.
+        n: number of images (fewer when the cache is smaller).
+        seed: which images are drawn.
+        columns: tiles per row.
+        tile: side of a tile in pixels.
+
+    Returns:
+        uint8 BGR array; each caption is the image id's tail and its label (``+`` positive,
+        ``-`` negative, ``?`` unlabelled).
+    """
+    from ssl_ptx.data.cache import CacheReader
+
+    with CacheReader(cache_path) as cache:
+        labels = cache.labels
+        rng = np.random.default_rng(seed)
+        positives = rng.permutation(np.flatnonzero(labels == 1))[: n // 2]
+        others = rng.permutation(np.flatnonzero(labels != 1))[: n - len(positives)]
+        rows = np.sort(np.concatenate([positives, others]))
+        pairs = [cache[int(row)] for row in rows]
+        marks = {1.0: "+", 0.0: "-"}
+        titles = [f"{cache.image_ids[r][-10:]} {marks.get(float(labels[r]), '?')}" for r in rows]
+    return contact_sheet(
+        [image for image, _ in pairs],
+        [mask for _, mask in pairs],
+        titles,
+        columns=columns,
+        tile=tile,
+    )
