@@ -1,0 +1,146 @@
+"""PyTorch datasets over a manifest (reading files) or an HDF5 cache.
+
+A sample is a dict::
+
+    image     float32 [C, H, W] in [0, 1]; grey repeated over C = in_channels
+    mask      float32 [1, H, W] with values 0/1 (all zero where no mask is known)
+    label     float32 scalar: where the row has a mask (rle or mask_path), 1.0 if the returned
+              mask has any foreground and 0.0 otherwise (after augmentation, so a crop that
+              removes the lesion gives 0); where it has none, the manifest label (1, 0, -1 or
+              NaN) unchanged
+    has_mask  bool scalar: the manifest gave a mask (losses should ignore ``mask`` otherwise)
+    image_id  str
+    index     int, position in the dataset
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from ssl_ptx.data.cache import CacheReader, SampleReadError, manifest_has_mask, read_sample
+from ssl_ptx.data.manifest import validate_manifest
+
+__all__ = ["SegmentationDataset"]
+
+_SAMPLE_COLUMNS = ("image_id", "path", "rle", "mask_path", "height", "width")
+
+
+class SegmentationDataset(Dataset):
+    """Images and pneumothorax masks from a manifest or a :class:`CacheReader`.
+
+    Args:
+        source: a manifest DataFrame (images read with ``read_image``, masks built from ``rle``
+            or ``mask_path``) or a :class:`~ssl_ptx.data.cache.CacheReader`.
+        transform: an albumentations pipeline called as ``transform(image=, mask=)`` on uint8
+            arrays (e.g. :func:`ssl_ptx.data.transforms.build_transforms`). In each DataLoader
+            worker its random state is reseeded from the worker's torch seed, so workers do not
+            repeat each other's augmentations and a seeded DataLoader is reproducible.
+        size: manifest sources only: resize image and mask to size×size (int) or (h, w) before
+            the transform; None keeps the native size. A cache is already resized; giving a
+            different size for one is an error.
+        in_channels: channels of the returned image (the grey image repeated).
+
+    Raises:
+        ValueError: invalid manifest, ``size`` disagreeing with a cache, or ``in_channels`` < 1.
+    """
+
+    def __init__(
+        self,
+        source: pd.DataFrame | CacheReader,
+        transform: A.BasicTransform | A.BaseCompose | None = None,
+        *,
+        size: int | tuple[int, int] | None = None,
+        in_channels: int = 1,
+    ) -> None:
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if isinstance(source, CacheReader):
+            if size is not None and tuple(np.broadcast_to(size, 2)) != (source.size,) * 2:
+                raise ValueError(
+                    f"{source.path} holds {source.size}×{source.size} images but size={size}; "
+                    "rebuild the cache at that size or leave size=None"
+                )
+            self._columns: dict[str, np.ndarray] = {}
+            self._cache: CacheReader | None = source
+            self._image_ids = list(source.image_ids)
+            self._labels = source.labels
+            self._has_mask = source.has_mask
+        else:
+            manifest = validate_manifest(source).reset_index(drop=True)
+            # one array per column rather than a dict per row: compact for large manifests
+            self._columns = {c: manifest[c].to_numpy() for c in _SAMPLE_COLUMNS}
+            self._cache = None
+            self._image_ids = manifest["image_id"].astype(str).tolist()
+            self._labels = manifest["label"].to_numpy(np.float64)
+            self._has_mask = manifest_has_mask(manifest)
+        self.transform = transform
+        self.size = size
+        self.in_channels = in_channels
+        self._seeded_pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._image_ids)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """float64 [N] manifest labels (1 positive, 0 negative, -1 uncertain, NaN unknown),
+        as :class:`~ssl_ptx.data.samplers.PositiveRateSampler` expects."""
+        return self._labels
+
+    @property
+    def image_ids(self) -> list[str]:
+        return self._image_ids
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is not None:
+            try:
+                return self._cache[index]
+            except (OSError, ValueError) as error:
+                raise SampleReadError(
+                    self._image_ids[index], f"{self._cache.path} row {index}", str(error)
+                ) from error
+        row = {column: values[index] for column, values in self._columns.items()}
+        image, mask, _ = read_sample(row, self.size)
+        return image, mask
+
+    def _reseed_transform_in_worker(self) -> None:
+        """Give each DataLoader worker its own augmentation stream (once per process)."""
+        pid = os.getpid()
+        if self._seeded_pid == pid:
+            return
+        self._seeded_pid = pid
+        worker = get_worker_info()
+        if worker is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(worker.seed % 2**32)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
+        image, mask = self._load(index)
+        if self.transform is not None:
+            self._reseed_transform_in_worker()
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        has_mask = bool(self._has_mask[index])
+        label = float(mask.any()) if has_mask else float(self._labels[index])
+        if image.ndim != 2 or image.dtype != np.uint8:
+            raise ValueError(
+                f"image {self._image_ids[index]!r}: expected a uint8 grey H×W image after the "
+                f"transform, got {image.dtype} {image.shape} (normalise in the model, not here)"
+            )
+        image_tensor = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255.0)
+        return {
+            "image": image_tensor.unsqueeze(0).expand(self.in_channels, -1, -1).contiguous(),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float().unsqueeze(0),
+            "label": torch.tensor(label, dtype=torch.float32),
+            "has_mask": torch.tensor(has_mask),
+            "image_id": self._image_ids[index],
+            "index": index,
+        }
