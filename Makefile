@@ -33,8 +33,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check ssl_ptx external_data recipes tests benchmarks
 	$(BIN)/ruff format --check ssl_ptx external_data recipes tests benchmarks
 
-bench: $(DEMO_ROOT)/.complete
-	$(BIN)/python benchmarks/bench_data.py --siim-dir $(DEMO_ROOT)/siim
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_rle.py --json outputs/bench_rle.json
+	$(BIN)/python benchmarks/bench_data.py --json outputs/bench_data.json
 
 clean:
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache

@@ -1,12 +1,13 @@
 """Data-layer figures: cached vs direct sample loading, and cache-build memory vs data size.
 
 1. Per-sample load time from the HDF5 cache against reading the DICOM and resizing it each time
-   (the same images, the same output size, measured in this run).
+   (the same images, the same output size, measured in this run). By default on a demo root of
+   1024² DICOMs (SIIM's size) written for the purpose; --siim-dir times a given root instead.
 2. Peak memory of the cache build over N1 and N2 demo images (default 500 and 2,000), each build
    in a fresh process: peak RSS growth during the build and the tracemalloc peak of Python/numpy
    allocations. A streaming build keeps both flat as N grows.
 
-    python benchmarks/bench_data.py --siim-dir demo_data/siim [--sizes 500 2000]
+    python benchmarks/bench_data.py [--siim-dir ROOT] [--size 256] [--sizes 500 2000]
 """
 
 from __future__ import annotations
@@ -22,12 +23,21 @@ from pathlib import Path
 import numpy as np
 
 
+def _demo_siim(work: Path, n: int, size: int) -> Path:
+    """A demo SIIM root of ``n`` DICOMs at ``size``², written once under ``work``."""
+    from ssl_ptx.data.demo import write_demo_root
+
+    root = work / f"load_demo_{n}_{size}"
+    if not (root / "siim" / "train-rle.csv").exists():
+        write_demo_root(root, n_siim=n, size=size, seed=2, progress=False)
+    return root / "siim"
+
+
 def _load_times(siim_dir: Path, size: int, n: int) -> dict[str, float]:
+    from ssl_ptx.data import rle
     from ssl_ptx.data.cache import CacheReader, build_cache
     from ssl_ptx.data.images import read_image, resize_image, resize_mask
     from ssl_ptx.data.siim import load_siim
-
-    from ssl_ptx.data import rle
 
     manifest = load_siim(siim_dir, progress=False).iloc[:n]
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,17 +126,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
-    figures = {"load": _load_times(args.siim_dir, args.size, args.samples)}
+    args.work.mkdir(parents=True, exist_ok=True)
+    siim_dir = args.siim_dir or _demo_siim(args.work, args.samples, args.dicom_size)
+    figures = {"load": _load_times(siim_dir, args.size, args.samples)}
     print(
-        "per-sample load, {samples} samples: cache {cache_ms:.3f} ms, DICOM read+resize {dicom_ms:.3f} ms, "
+        f"per-sample load of {figures['load']['samples']} samples from {siim_dir} at {args.size}²:"
+    )
+    print(
+        "  HDF5 cache {cache_ms:.3f} ms, DICOM read + resize {dicom_ms:.3f} ms, "
         "speed-up {speedup:.1f}x".format(**figures["load"])
     )
-    args.work.mkdir(parents=True, exist_ok=True)
     figures["build_memory"] = [_build_memory(n, args.size, args.work) for n in args.sizes]
     for row in figures["build_memory"]:
         print(
-            "cache build over {images} images: {build_s:.1f} s, tracemalloc peak {tracemalloc_peak_mib:.1f} MiB, "
-            "RSS growth {rss_growth_mib:.1f} MiB (peak RSS {rss_peak_mib:.0f} MiB)".format(**row)
+            "cache build over {images} images: {build_s:.1f} s, "
+            "tracemalloc peak {tracemalloc_peak_mib:.1f} MiB, RSS growth {rss_growth_mib:.1f} MiB "
+            "(peak RSS {rss_peak_mib:.0f} MiB)".format(**row)
         )
     first, last = figures["build_memory"][0], figures["build_memory"][-1]
     print(
