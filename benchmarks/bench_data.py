@@ -67,24 +67,31 @@ def _load_times(siim_dir: Path, size: int, n: int) -> dict[str, float]:
 
 
 _CHILD = r"""
-import resource, sys, tempfile, time, tracemalloc
+import sys, tempfile, time, tracemalloc
 from pathlib import Path
 from ssl_ptx.data.demo import write_demo_root
 from ssl_ptx.data.siim import load_siim
 from ssl_ptx.data.cache import build_cache
+
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
 n, size, root = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 if not (root / "siim" / "train-rle.csv").exists():
     write_demo_root(root, n_siim=n, size=size, seed=1, progress=False)
 manifest = load_siim(root / "siim", progress=False)
-rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss_before = status_kib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
 tracemalloc.start()
 with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     build_cache(manifest, Path(tmp) / "c.h5", size=size, progress=False)
     seconds = time.perf_counter() - start
 peak = tracemalloc.get_traced_memory()[1]
-rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(n, seconds, peak, rss_before, rss_after)
+print(n, seconds, peak, rss_before, status_kib("VmHWM"))
 """
 
 
@@ -100,7 +107,7 @@ def _build_memory(n: int, size: int, work: Path) -> dict[str, float]:
         "images": n,
         "build_s": seconds,
         "tracemalloc_peak_mib": peak / 2**20,
-        "rss_growth_mib": (rss_after - rss_before) / 1024,  # ru_maxrss is KiB on Linux
+        "rss_growth_mib": (rss_after - rss_before) / 1024,  # /proc figures are KiB
         "rss_peak_mib": rss_after / 1024,
     }
 
@@ -110,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--siim-dir", type=Path, required=True, help="SIIM-layout root for the load timing"
+        "--siim-dir", type=Path, help="SIIM root for the load timing (default: a demo root)"
     )
+    parser.add_argument("--dicom-size", type=int, default=1024, help="side of the demo DICOMs")
     parser.add_argument("--size", type=int, default=256, help="cached side in pixels")
     parser.add_argument("--samples", type=int, default=200, help="images in the load timing")
     parser.add_argument(
