@@ -23,6 +23,7 @@ from pydicom.uid import (
 )
 
 from ssl_ptx.data.dicom import METADATA_KEYS, DicomError, read_dicom, read_dicom_metadata
+from ssl_ptx.data.images import read_image
 
 
 def _dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 8) -> Dataset:
@@ -222,3 +223,12 @@ def test_undecodable_transfer_syntax(tmp_path, pixels8):
 def test_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_dicom(tmp_path / "absent.dcm")
+
+
+def test_dicom_is_read_by_suffix_or_by_its_marker(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 9), dtype=np.uint8)
+    data = _save(_dataset(pixels), tmp_path / "source.dcm").read_bytes()
+    (tmp_path / "a.dcm").write_bytes(data)
+    (tmp_path / "no_suffix").write_bytes(data)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.dcm"), pixels)
+    np.testing.assert_array_equal(read_image(tmp_path / "no_suffix"), pixels)

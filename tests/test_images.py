@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from ssl_ptx.data.images import ImageReadError, read_image, resize_image, resize_mask
 
@@ -21,20 +17,6 @@ RNG = np.random.default_rng(0)
 def _png(path, array, mode=None):
     Image.fromarray(array, mode=mode).save(path, format="PNG")
     return path
-
-
-def _dicom_bytes(pixels: np.ndarray) -> bytes:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.set_pixel_data(pixels, "MONOCHROME2", 8)
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def test_grey_png_is_read_unchanged(tmp_path):
@@ -80,15 +62,6 @@ def test_jpeg_is_read(tmp_path):
     smooth = (4 * yy + 3 * xx).astype(np.uint8)
     Image.fromarray(smooth).save(tmp_path / "x.jpg", quality=95)
     assert np.abs(read_image(tmp_path / "x.jpg").astype(int) - smooth).mean() < 2
-
-
-def test_dicom_is_read_by_suffix_or_by_its_marker(tmp_path):
-    pixels = RNG.integers(0, 256, (12, 9), dtype=np.uint8)
-    data = _dicom_bytes(pixels)
-    (tmp_path / "a.dcm").write_bytes(data)
-    (tmp_path / "no_suffix").write_bytes(data)
-    np.testing.assert_array_equal(read_image(tmp_path / "a.dcm"), pixels)
-    np.testing.assert_array_equal(read_image(tmp_path / "no_suffix"), pixels)
 
 
 def test_zero_byte_file_names_the_path(tmp_path):
