@@ -29,7 +29,9 @@ def _demo_siim(work: Path, n: int, size: int) -> Path:
 
     root = work / f"load_demo_{n}_{size}"
     if not (root / "siim" / "train-rle.csv").exists():
-        write_demo_root(root, n_siim=n, size=size, seed=2, progress=False)
+        write_demo_root(
+            root, n_siim=n, n_chexpert=0, n_nih=0, n_montgomery=0, size=size, seed=2, progress=False
+        )
     return root / "siim"
 
 
@@ -80,7 +82,8 @@ def status_kib(key):
 
 n, size, root = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 if not (root / "siim" / "train-rle.csv").exists():
-    write_demo_root(root, n_siim=n, size=size, seed=1, progress=False)
+    write_demo_root(root, n_siim=n, n_chexpert=0, n_nih=0, n_montgomery=0, size=size, seed=1,
+                    progress=False)
 manifest = load_siim(root / "siim", progress=False)
 rss_before = status_kib("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS

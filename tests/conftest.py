@@ -25,9 +25,12 @@ def siim_rle_csv(xrv_data_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small demo data root (48 SIIM images at 128², seed 0), written once per session."""
+    """A small demo data root, written once per session: 48 SIIM images, 40 CheXpert, 40 NIH and
+    6 Montgomery at 128², seed 0 (true external masks in ``_truth/``)."""
     from ssl_ptx.data.demo import write_demo_root
 
     root = tmp_path_factory.mktemp("demo_root")
-    write_demo_root(root, n_siim=48, size=128, seed=0, progress=False)
+    write_demo_root(
+        root, n_siim=48, n_chexpert=40, n_nih=40, n_montgomery=6, size=128, seed=0, progress=False
+    )
     return root

@@ -1,40 +1,47 @@
 """Write a synthetic demo data root in the datasets' own published layouts.
 
-The SIIM part mirrors the real download exactly, so the same readers run on demo and real data::
+Every part mirrors its real download, so the same readers run on demo and real data::
 
     <root>/siim/dicom-images-train/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
-    <root>/siim/train-rle.csv          "ImageId, EncodedPixels", " -1" or " <rle>", one row per
-                                       pneumothorax instance
-    <root>/siim/ssl_ptx_demo.json      marks the folder as synthetic (the generator's arguments)
+    <root>/siim/train-rle.csv           "ImageId, EncodedPixels", " -1" or " <rle>", one row per
+                                        pneumothorax instance
+    <root>/chexpert/CheXpert-v1.0-small/{train,valid}/patientNNNNN/studyN/viewN_{frontal,lateral}.jpg
+    <root>/chexpert/CheXpert-v1.0-small/{train,valid}.csv
+    <root>/nih/images_00N/images/NNNNNNNN_NNN.png, Data_Entry_2017.csv, BBox_List_2017.csv
+    <root>/montgomery/MontgomerySet/{CXR_png,ManualMask/leftMask,ManualMask/rightMask}/*.png
+    <root>/<part>/ssl_ptx_demo.json     marks each folder as synthetic (the generator's arguments)
+    <root>/_truth/{chexpert,nih}/<image_id>.png, labels.csv
+                                        true masks and labels of the external images (outside
+                                        every published layout; the readers ignore it)
 
 Images are synthetic chest radiographs (:mod:`ssl_ptx.data._phantom`). Pneumothorax *shapes* are
 the real SIIM masks from the label file that ships with torchxrayvision, resized to the demo size
 and clipped to the rendered lung fields; multi-instance images come from multi-row real images,
 so instances overlap as often as in the real data. Without torchxrayvision the shapes are
 parametric crescents along the lateral and apical chest wall. Some negatives carry look-alikes
-(a skin fold or a chest drain). The same arguments always give byte-identical files.
+(a skin fold or a chest drain). The external labels follow the real files' frequencies and are
+noisy the way the real ones are (:mod:`ssl_ptx.data._demo_chexpert`, ``_demo_nih``,
+``_demo_montgomery``). Each part draws from its own seed stream, so adding or resizing one part
+leaves the others' bytes unchanged, and the same arguments always give byte-identical files.
 
 Command line::
 
-    python -m ssl_ptx.data.demo --root demo_data --n-siim 500 --size 256 --seed 0
+    python -m ssl_ptx.data.demo --root demo_data --n-siim 500 --n-chexpert 300 --n-nih 300 \
+        --n-montgomery 40 --size 256 --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import itertools
 import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pandas as pd
 from pydicom import config as dicom_config
 from pydicom.dataelem import DataElement
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -42,11 +49,27 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from tqdm.auto import tqdm
 
 from ssl_ptx.data import rle
+from ssl_ptx.data._demo_chexpert import write_chexpert
+from ssl_ptx.data._demo_external import ExternalSummary, TruthRecorder
+from ssl_ptx.data._demo_findings import (
+    DRAIN_WITH_PNEUMOTHORAX_SHARE,
+    LOOKALIKE_SHARE,
+    MULTI_INSTANCE_SHARE,
+    OVERLAP_SHARE,
+    REAL_CSV_NAME,
+    REAL_SIZE,
+    PneumothoraxShapes,
+    real_siim_shapes,
+    xrv_siim_csv,
+)
+from ssl_ptx.data._demo_montgomery import write_montgomery
+from ssl_ptx.data._demo_nih import write_nih
 from ssl_ptx.data._phantom import lung_masks, render_chest_xray, sample_anatomy
 from ssl_ptx.fileio import atomic_path, atomic_write_bytes
 
 __all__ = [
     "DemoSummary",
+    "ExternalSummary",
     "lung_masks",
     "main",
     "real_siim_shapes",
@@ -56,17 +79,12 @@ __all__ = [
 ]
 
 SIIM_CSV_HEADER = "ImageId, EncodedPixels"
+GENERATOR = "ssl_ptx.data.demo"
 MARKER_NAME = "ssl_ptx_demo.json"
 MIN_SIZE, MAX_SIZE = 64, 1024
-REAL_SIZE = 1024
-REAL_CSV_NAME = "siim-pneumothorax-train-rle.csv.gz"
-#: share of positive SIIM images with 2+ rows, and of those whose instances overlap (real file)
-MULTI_INSTANCE_SHARE = 624 / 2669
-OVERLAP_SHARE = 183 / 624
-LOOKALIKE_SHARE = 0.15  # negatives with a skin fold or a chest drain
-DRAIN_WITH_PNEUMOTHORAX_SHARE = 0.25  # positives that also have a drain, as in ward films
-MIN_LUNG_FRACTION = 0.5  # keep a real instance if at least half of it falls in the lung fields
-MAX_SHAPE_TRIES = 5000  # candidate shape sets tried per positive image before giving up
+#: each part's folder name inside the root, and the entropy tag of its seed stream
+SEED_TAGS = {"siim": 0x5113, "chexpert": 0xC4E9, "nih": 0x0714, "montgomery": 0x3C0D}
+TRUTH_FOLDER = "_truth"
 
 
 @dataclass(frozen=True)
@@ -77,9 +95,11 @@ class DemoSummary:
         root: the demo data root.
         csv: the SIIM ``train-rle.csv``.
         images: number of SIIM DICOM files.
-        positives: images with at least one pneumothorax instance.
-        rows: CSV rows (one per negative image, one per instance of a positive image).
-        multi_instance_images: positive images with two or more instances.
+        positives: SIIM images with at least one pneumothorax instance.
+        rows: SIIM CSV rows (one per negative image, one per instance of a positive image).
+        multi_instance_images: positive SIIM images with two or more instances.
+        chexpert, nih, montgomery: what each external part wrote (None when disabled).
+        truth_csv: ``_truth/labels.csv`` (None when neither CheXpert nor NIH was written).
     """
 
     root: Path
@@ -88,6 +108,10 @@ class DemoSummary:
     positives: int
     rows: int
     multi_instance_images: int
+    chexpert: ExternalSummary | None = None
+    nih: ExternalSummary | None = None
+    montgomery: ExternalSummary | None = None
+    truth_csv: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -101,202 +125,6 @@ class _Plan:
     skin_fold: bool
     view: str
     female: bool
-
-
-def _min_instance_area(size: int) -> int:
-    """Smallest instance kept, in pixels: ~1,000 px at 1024² (the real 2 % quantile)."""
-    return max(6, round(1000 * (size / REAL_SIZE) ** 2))
-
-
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a 0/1 mask to ``size``² by area averaging, then threshold at one half."""
-    if mask.shape == (size, size):
-        return mask
-    shrunk = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (shrunk > 0.5).astype(np.uint8)
-
-
-def _xrv_siim_csv() -> Path | None:
-    """The real SIIM ``train-rle.csv`` shipped with torchxrayvision, or None if not installed."""
-    spec = importlib.util.find_spec("torchxrayvision")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "data" / REAL_CSV_NAME
-    return path if path.is_file() else None
-
-
-def real_siim_shapes(
-    csv_path: str | Path, rng: np.random.Generator, size: int, *, multi: bool
-) -> Iterator[list[np.ndarray]]:
-    """Endlessly yield the instance masks of real positive SIIM images, in a random order.
-
-    Every real image is used once per pass; each new pass reshuffles, and odd passes mirror the
-    masks left-right, so large demos do not repeat shapes verbatim.
-
-    Args:
-        csv_path: a SIIM stage-1 ``train-rle.csv`` (optionally gzipped): ``ImageId`` and
-            `` EncodedPixels`` columns, one row per instance, ``-1`` for negatives.
-        rng: decides the order.
-        size: masks are resized from 1024² to ``size``² (area average, then > 0.5).
-        multi: yield images with two or more rows if True, single-row images otherwise.
-
-    Yields:
-        One list per real image: its instance masks, uint8 0/1, ``size``×``size`` each, in the
-        file's row order. Instances that vanish at ``size`` are dropped.
-
-    Raises:
-        ValueError: the file lacks the two columns, holds no image of the requested kind, or
-            an RLE does not decode at 1024² (the message names the file and ImageId).
-    """
-    table = pd.read_csv(csv_path)
-    table.columns = [c.strip() for c in table.columns]
-    if set(table.columns) != {"ImageId", "EncodedPixels"}:
-        raise ValueError(
-            f"{csv_path}: expected columns ImageId, EncodedPixels; got {list(table.columns)}"
-        )
-    encoded = table["EncodedPixels"].astype(str).str.strip()
-    positives = table[encoded != rle.EMPTY].assign(EncodedPixels=encoded[encoded != rle.EMPTY])
-    groups = positives.groupby("ImageId", sort=True)["EncodedPixels"].agg(list)
-    groups = groups[(groups.str.len() > 1) == multi]
-    if groups.empty:
-        kind = "multi-row" if multi else "single-row"
-        raise ValueError(f"{csv_path}: no {kind} positive image to take shapes from")
-    for epoch in itertools.count():
-        for index in rng.permutation(len(groups)):
-            masks = [
-                _decode_real(code, csv_path, groups.index[index], size)
-                for code in groups.iloc[index]
-            ]
-            masks = [np.fliplr(m) if epoch % 2 else m for m in masks if m.any()]
-            if masks:
-                yield masks
-
-
-def _decode_real(code: str, csv_path: str | Path, image_id: str, size: int) -> np.ndarray:
-    try:
-        mask = rle.decode(code, (REAL_SIZE, REAL_SIZE))
-    except ValueError as error:
-        raise ValueError(f"{csv_path}: ImageId {image_id}: {error}") from None
-    return _resize_mask(mask, size)
-
-
-def _parametric_shapes(
-    rng: np.random.Generator, size: int, *, multi: bool
-) -> Iterator[list[np.ndarray]]:
-    """Endless crescents along the lateral-apical chest wall (fallback without real shapes).
-
-    Each crescent is the part of a lung-shaped ellipse not covered by a copy shifted medially and
-    down; a multi-instance image splits one crescent into overlapping upper and lower parts.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    while True:
-        side = rng.choice([-1.0, 1.0])
-        cx, cy = 0.5 + side * rng.uniform(0.22, 0.28), rng.uniform(0.38, 0.45)
-        rx, ry = rng.uniform(0.13, 0.17), rng.uniform(0.3, 0.36)
-        shift_x, shift_y = -side * rng.uniform(0.02, 0.07), rng.uniform(0.02, 0.06)
-        outer = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-        inner = ((xx - cx - shift_x) / rx) ** 2 + ((yy - cy - shift_y) / ry) ** 2 < 1
-        crescent = outer & ~inner & (yy < cy + rng.uniform(0.0, 0.2))
-        if not multi:
-            yield [crescent.astype(np.uint8)]
-            continue
-        cut = rng.uniform(0.25, 0.4)
-        margin = rng.choice([-0.03, 0.03])  # > 0: the two parts overlap
-        yield [
-            (crescent & (yy < cut + margin)).astype(np.uint8),
-            (crescent & (yy >= cut - margin)).astype(np.uint8),
-        ]
-
-
-def _overlaps(masks: Sequence[np.ndarray]) -> bool:
-    return bool((np.sum(masks, axis=0) > 1).any())
-
-
-def _snap_to_chest_wall(
-    masks: Sequence[np.ndarray], left: np.ndarray, right: np.ndarray
-) -> list[np.ndarray]:
-    """Move a real image's instances onto this chest's wall, keeping their shapes and overlaps.
-
-    A real mask follows its own patient's chest wall; on a synthetic chest it would float inside
-    the lung or spill out of it. Instances are grouped by hemithorax; each group is moved down
-    if it starts above the apex, then every row is shifted sideways (smoothly from row to row)
-    so that the group's lateral edge lies one pixel past the lung's lateral edge. Row widths,
-    the vertical extent and the instances' relative positions are kept.
-
-    Args:
-        masks: instance masks, uint8 0/1, H×W.
-        left, right: the image-left and image-right lung masks, uint8 0/1, H×W.
-
-    Returns:
-        The moved masks, same order, uint8 0/1, H×W (pixels pushed out of the frame are lost).
-    """
-    size = left.shape[0]
-    midline = 0.5 * (
-        np.flatnonzero(left.any(axis=0)).max() + np.flatnonzero(right.any(axis=0)).min()
-    )
-    on_left = [np.nonzero(m)[1].mean() < midline for m in masks]
-    moved = [np.zeros_like(m) for m in masks]
-    for side_is_left, lung in ((True, left), (False, right)):
-        group = [i for i, flag in enumerate(on_left) if flag == side_is_left]
-        if not group:
-            continue
-        union = np.bitwise_or.reduce([masks[i] for i in group]).astype(bool)
-        rows_with_lung = np.flatnonzero(lung.any(axis=1))
-        mask_rows = np.flatnonzero(union.any(axis=1))
-        down = int(np.clip(rows_with_lung[0] + 1 - mask_rows[0], 0, round(0.06 * size)))
-        columns = np.arange(size)
-        if side_is_left:
-            wall = np.where(lung, columns, size).min(axis=1) - 1
-            edge = np.where(union, columns, size).min(axis=1)
-        else:
-            wall = np.where(lung, columns, -1).max(axis=1) + 1
-            edge = np.where(union, columns, -1).max(axis=1)
-        target_rows = np.clip(mask_rows + down, rows_with_lung[0], rows_with_lung[-1])
-        per_row = wall[target_rows] - edge[mask_rows]
-        sigma = max(1.0, 0.015 * size)
-        per_row = cv2.GaussianBlur(per_row.astype(np.float32)[:, None], (1, 0), sigma)[:, 0]
-        shift = np.zeros(size, np.int64)
-        shift[mask_rows] = np.round(per_row).astype(np.int64)
-        for i in group:
-            ys, xs = np.nonzero(masks[i])
-            ys2, xs2 = ys + down, xs + shift[ys]
-            keep = (ys2 < size) & (xs2 >= 0) & (xs2 < size)
-            moved[i][ys2[keep], xs2[keep]] = 1
-    return moved
-
-
-def _fit_to_lungs(
-    candidates: Iterator[list[np.ndarray]],
-    left: np.ndarray,
-    right: np.ndarray,
-    plan: _Plan,
-    size: int,
-) -> list[np.ndarray]:
-    """Take candidate shape sets until one fits the lung fields and the plan; clip it to them.
-
-    Each set is first moved against the chest wall (:func:`_snap_to_chest_wall`). An instance
-    is kept when at least :data:`MIN_LUNG_FRACTION` of it lies inside the lungs and its clipped
-    area reaches :func:`_min_instance_area`. A set fits when its surviving instance count
-    (1, or 2+) and whether they overlap match the plan.
-    """
-    lungs = left | right
-    min_area = _min_instance_area(size)
-    for masks in itertools.islice(candidates, MAX_SHAPE_TRIES):
-        clipped = []
-        for mask in _snap_to_chest_wall(masks, left, right):
-            inside = mask & lungs
-            area = int(inside.sum())
-            if area >= min_area and area >= MIN_LUNG_FRACTION * int(mask.sum()):
-                clipped.append(inside)
-        if not clipped or (len(clipped) > 1) != plan.multi:
-            continue
-        if plan.multi and _overlaps(clipped) != plan.overlap:
-            continue
-        return clipped
-    kind = "overlapping " if plan.overlap else "several " if plan.multi else "single "
-    raise RuntimeError(
-        f"no {kind}pneumothorax shape fitted the lung fields in {MAX_SHAPE_TRIES} tries at {size}²"
-    )
 
 
 def _plans(rng: np.random.Generator, n_images: int, positive_fraction: float) -> list[_Plan]:
@@ -384,86 +212,25 @@ def _dicom_dataset(
     return ds
 
 
-def _claim_siim_folder(siim: Path, marker: dict) -> None:
-    """Make ``siim`` an empty demo folder, refusing to touch a folder that is not a demo.
-
-    A previous demo (recognised by its marker file) is removed first, so no stale image survives
-    an overwrite. The marker is written before any image, so an interrupted write can be redone.
-    """
-    if siim.exists() and any(siim.iterdir()):
-        if not (siim / MARKER_NAME).is_file():
-            raise FileExistsError(
-                f"{siim} exists and is not a demo folder (no {MARKER_NAME}); "
-                "refusing to overwrite what may be a real SIIM download"
-            )
-        shutil.rmtree(siim)
-    siim.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(siim / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
-
-
-def _check_arguments(n_siim: int, size: int, positive_fraction: float) -> None:
-    if n_siim < 1:
-        raise ValueError(f"n_siim must be at least 1, got {n_siim}")
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise ValueError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
-
-
-def write_demo_root(
-    root: str | Path,
+def _write_siim(
+    siim: Path,
     *,
-    n_siim: int = 500,
-    size: int = 256,
-    seed: int = 0,
-    positive_fraction: float = 0.22,
-    progress: bool = True,
-) -> DemoSummary:
-    """Write (or deterministically overwrite) the SIIM part of a demo data root.
-
-    Args:
-        root: the demo data root; the SIIM files go to ``root/siim`` in SIIM's own layout.
-        n_siim: number of SIIM images.
-        size: image height = width in pixels, 64 to 1024 (the real data is 1024).
-        seed: everything (anatomy, shapes, exposure, UIDs, patient tags) follows from it; the
-            same arguments give byte-identical files.
-        positive_fraction: share of images with a pneumothorax (the real data: 0.222).
-        progress: show a tqdm progress bar.
+    n_images: int,
+    size: int,
+    seed: int,
+    positive_fraction: float,
+    real_csv: Path | None,
+    progress: bool,
+) -> tuple[Path, int, int, int]:
+    """Write the SIIM DICOM tree and ``train-rle.csv`` into the (claimed, empty) ``siim`` folder.
 
     Returns:
-        The counts and paths of what was written.
-
-    Raises:
-        ValueError: an argument is out of range.
-        FileExistsError: ``root/siim`` holds something that is not a previous demo.
+        ``(csv path, positive images, CSV rows, multi-instance images)``.
     """
-    _check_arguments(n_siim, size, positive_fraction)
-    root = Path(root)
-    siim = root / "siim"
-    real_csv = _xrv_siim_csv()
-    _claim_siim_folder(
-        siim,
-        {
-            "generator": "ssl_ptx.data.demo",
-            "n_siim": n_siim,
-            "size": size,
-            "seed": seed,
-            "positive_fraction": positive_fraction,
-            "shapes": "parametric" if real_csv is None else f"real SIIM masks ({REAL_CSV_NAME})",
-        },
-    )
-    streams = np.random.SeedSequence([seed, 0x5113]).spawn(4)
-    plans = _plans(np.random.default_rng(streams[0]), n_siim, positive_fraction)
-    shape_rng = [np.random.default_rng(s) for s in streams[1].spawn(3)]
-    if real_csv is None:
-        single = _parametric_shapes(shape_rng[0], size, multi=False)
-        multi_sets = _parametric_shapes(shape_rng[1], size, multi=True)
-        multi_overlap = multi_sets
-    else:
-        single = real_siim_shapes(real_csv, shape_rng[0], size, multi=False)
-        multi_sets = real_siim_shapes(real_csv, shape_rng[1], size, multi=True)
-        multi_overlap = real_siim_shapes(real_csv, shape_rng[2], size, multi=True)
-    image_seeds = streams[2].spawn(n_siim)
+    streams = np.random.SeedSequence([seed, SEED_TAGS["siim"]]).spawn(4)
+    plans = _plans(np.random.default_rng(streams[0]), n_images, positive_fraction)
+    shapes = PneumothoraxShapes(streams[1], size, real_csv)
+    image_seeds = streams[2].spawn(n_images)
 
     rows: list[str] = []
     positives = multi_count = 0
@@ -473,8 +240,7 @@ def write_demo_root(
         instances: list[np.ndarray] = []
         if plan.positive:
             left, right = lung_masks(anatomy, size)
-            source = multi_overlap if plan.overlap else multi_sets if plan.multi else single
-            instances = _fit_to_lungs(source, left, right, plan, size)
+            instances = shapes.fit(left, right, multi=plan.multi, overlap=plan.overlap)
         union = np.bitwise_or.reduce(instances) if instances else None
         pixels = render_chest_xray(
             rng,
@@ -502,13 +268,170 @@ def write_demo_root(
 
     csv_path = siim / "train-rle.csv"
     atomic_write_bytes(csv_path, ("\n".join([SIIM_CSV_HEADER, *rows]) + "\n").encode())
+    return csv_path, positives, len(rows), multi_count
+
+
+def _is_foreign(folder: Path) -> bool:
+    """True when ``folder`` holds something and is not a demo folder (no marker file)."""
+    return folder.exists() and any(folder.iterdir()) and not (folder / MARKER_NAME).is_file()
+
+
+def _claim_demo_folder(folder: Path, marker: dict) -> None:
+    """Make ``folder`` an empty demo folder holding only its marker file.
+
+    A previous demo is removed first, so no stale image survives an overwrite. The marker is
+    written before any image, so an interrupted write can be redone. The caller has checked
+    with :func:`_is_foreign` that ``folder`` is not real data.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    atomic_write_bytes(folder / MARKER_NAME, (json.dumps(marker, indent=2) + "\n").encode())
+
+
+def _marker(
+    part: str, count: int, size: int, seed: int, positive_fraction: float, shapes: str
+) -> dict:
+    """The marker file's content for one folder: the generator's arguments that shaped it."""
+    if part == TRUTH_FOLDER:
+        contents = "true masks and labels of the external images"
+        return {"generator": GENERATOR, "contents": contents, "size": size, "seed": seed}
+    marker = {"generator": GENERATOR, f"n_{part}": count, "size": size, "seed": seed}
+    if part == "siim":
+        marker["positive_fraction"] = positive_fraction
+    return {**marker, "shapes": shapes}
+
+
+def _prepare_folders(
+    root: Path, counts: dict[str, int], markers: dict[str, dict]
+) -> dict[str, Path]:
+    """Claim the folder of every part to be written; remove a previous demo's left-out parts.
+
+    Every folder is checked before any is touched, so real data stops the whole write.
+
+    Returns:
+        Folder per part (those with a count > 0).
+
+    Raises:
+        FileExistsError: a part's folder holds something that is not a previous demo.
+    """
+    folders = {part: root / part for part in counts}
+    for part in markers:
+        if _is_foreign(folders[part]):
+            raise FileExistsError(
+                f"{folders[part]} exists and is not a demo folder (no {MARKER_NAME}); "
+                f"refusing to overwrite what may be a real {part} download"
+            )
+    for part, folder in folders.items():
+        if part in markers:
+            _claim_demo_folder(folder, markers[part])
+        elif folder.exists() and not _is_foreign(folder):
+            shutil.rmtree(folder)  # a stale demo part: the readers would find it
+    return {part: folders[part] for part in markers}
+
+
+def _check_arguments(size: int, positive_fraction: float, counts: dict[str, int]) -> None:
+    if counts["siim"] < 1:
+        raise ValueError(f"n_siim must be at least 1, got {counts['siim']}")
+    for part, count in counts.items():
+        if count < 0:
+            raise ValueError(f"n_{part} must be 0 (part left out) or more, got {count}")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise ValueError(f"size must be between {MIN_SIZE} and {MAX_SIZE} pixels, got {size}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
+
+
+def write_demo_root(
+    root: str | Path,
+    *,
+    n_siim: int = 500,
+    n_chexpert: int = 300,
+    n_nih: int = 300,
+    n_montgomery: int = 40,
+    size: int = 256,
+    seed: int = 0,
+    positive_fraction: float = 0.22,
+    progress: bool = True,
+) -> DemoSummary:
+    """Write (or deterministically overwrite) a demo data root.
+
+    Args:
+        root: the demo data root; each dataset goes to its own folder in its own layout
+            (see the module docstring).
+        n_siim: number of SIIM images (DICOM, ``size``²).
+        n_chexpert: CheXpert JPEGs (train and valid; ``size`` wide, ``size·390/320`` tall);
+            0 leaves the part out.
+        n_nih: NIH ChestX-ray14 PNGs (``size``²); 0 leaves the part out.
+        n_montgomery: Montgomery images with lung masks (short side ``size``); 0 leaves it out.
+        size: image size in pixels, 64 to 1024 (the real SIIM and NIH data are 1024).
+        seed: everything (anatomy, shapes, labels, exposure, UIDs, patient tags) follows from it;
+            the same arguments give byte-identical files, and each part's files depend only on
+            the seed, the size and that part's count.
+        positive_fraction: share of SIIM images with a pneumothorax (the real data: 0.222).
+        progress: show tqdm progress bars.
+
+    Returns:
+        The counts and paths of what was written.
+
+    Raises:
+        ValueError: an argument is out of range.
+        FileExistsError: the folder of a part to be written holds something that is not a
+            previous demo (checked for every part before anything is written). The folder of
+            a part left out (count 0) is removed only if it is a previous demo.
+    """
+    counts = {"siim": n_siim, "chexpert": n_chexpert, "nih": n_nih, "montgomery": n_montgomery}
+    _check_arguments(size, positive_fraction, counts)
+    root = Path(root)
+    counts[TRUTH_FOLDER] = n_chexpert + n_nih
+    real_csv = xrv_siim_csv()
+    shapes = "parametric" if real_csv is None else f"real SIIM masks ({REAL_CSV_NAME})"
+    markers = {
+        part: _marker(part, count, size, seed, positive_fraction, shapes)
+        for part, count in counts.items()
+        if count
+    }
+    folders = _prepare_folders(root, counts, markers)
+
+    csv_path, positives, rows, multi = _write_siim(
+        folders["siim"],
+        n_images=n_siim,
+        size=size,
+        seed=seed,
+        positive_fraction=positive_fraction,
+        real_csv=real_csv,
+        progress=progress,
+    )
+    truth = TruthRecorder(root)
+    external = {}
+    for part, writer in (("chexpert", write_chexpert), ("nih", write_nih)):
+        if part in folders:
+            external[part] = writer(
+                folders[part],
+                truth,
+                n_images=counts[part],
+                size=size,
+                seed=np.random.SeedSequence([seed, SEED_TAGS[part]]),
+                real_csv=real_csv,
+                progress=progress,
+            )
+    if n_montgomery:
+        external["montgomery"] = write_montgomery(
+            folders["montgomery"],
+            n_images=n_montgomery,
+            size=size,
+            seed=np.random.SeedSequence([seed, SEED_TAGS["montgomery"]]),
+            progress=progress,
+        )
     return DemoSummary(
         root=root,
         csv=csv_path,
         images=n_siim,
         positives=positives,
-        rows=len(rows),
-        multi_instance_images=multi_count,
+        rows=rows,
+        multi_instance_images=multi,
+        truth_csv=truth.write_csv() if truth.rows else None,
+        **external,
     )
 
 
@@ -516,15 +439,28 @@ def main(argv: Sequence[str] | None = None) -> DemoSummary:
     """Command line: write a demo data root and print what was written."""
     parser = argparse.ArgumentParser(
         prog="python -m ssl_ptx.data.demo",
-        description="Write a synthetic demo data root in SIIM's own layout "
-        "(DICOM tree + train-rle.csv) so every recipe can run without the real data.",
+        description="Write a synthetic demo data root: SIIM (DICOM tree + train-rle.csv), "
+        "CheXpert-v1.0-small, NIH ChestX-ray14 and the Montgomery set, each in its own "
+        "published layout, plus the external images' true masks in _truth/, so every recipe "
+        "can run without the real data.",
     )
     parser.add_argument(
-        "--root", type=Path, required=True, help="demo data root to write (siim/ goes inside)"
+        "--root", type=Path, required=True, help="demo data root to write (one folder per set)"
     )
     parser.add_argument(
         "--n-siim", type=int, default=500, help="number of SIIM images (default: 500)"
     )
+    for part, name, default in (
+        ("chexpert", "CheXpert", 300),
+        ("nih", "NIH ChestX-ray14", 300),
+        ("montgomery", "Montgomery", 40),
+    ):
+        parser.add_argument(
+            f"--n-{part}",
+            type=int,
+            default=default,
+            help=f"number of {name} images; 0 leaves the part out (default: {default})",
+        )
     parser.add_argument(
         "--size",
         type=int,
@@ -538,15 +474,18 @@ def main(argv: Sequence[str] | None = None) -> DemoSummary:
         "--positive-fraction",
         type=float,
         default=0.22,
-        help="share of images with a pneumothorax (default: 0.22)",
+        help="share of SIIM images with a pneumothorax (default: 0.22)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
         summary = write_demo_root(
             args.root,
             n_siim=args.n_siim,
+            n_chexpert=args.n_chexpert,
+            n_nih=args.n_nih,
+            n_montgomery=args.n_montgomery,
             size=args.size,
             seed=args.seed,
             positive_fraction=args.positive_fraction,
@@ -554,12 +493,29 @@ def main(argv: Sequence[str] | None = None) -> DemoSummary:
         )
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
-    print(
+    lines = [
         f"wrote {summary.images} SIIM images ({summary.positives} with pneumothorax, "
         f"{summary.multi_instance_images} with several instances; {summary.rows} CSV rows) "
-        f"at {args.size}² to {summary.root / 'siim'} in {time.perf_counter() - started:.1f} s\n"
-        f"labels: {summary.csv}"
-    )
+        f"to {summary.root / 'siim'}",
+        f"labels: {summary.csv}",
+    ]
+    for name, part, positive in (
+        ("CheXpert", summary.chexpert, "labelled Pneumothorax 1.0"),
+        ("NIH", summary.nih, "labelled Pneumothorax"),
+        ("Montgomery", summary.montgomery, "tuberculosis"),
+    ):
+        if part is not None:
+            drawn = (
+                f", {part.true_positives} with a pneumothorax drawn" if name != "Montgomery" else ""
+            )
+            lines.append(
+                f"wrote {part.images} {name} images ({part.published_positives} {positive}"
+                f"{drawn}) to {part.folder}"
+            )
+    if summary.truth_csv is not None:
+        lines.append(f"true masks and labels of the external images: {summary.truth_csv}")
+    lines.append(f"{args.size} px, seed {args.seed}, {time.perf_counter() - started:.1f} s")
+    print("\n".join(lines))
     return summary
 
 
