@@ -19,8 +19,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-$(DEMO_ROOT)/.complete: $(STAMP)
+DEMO_CODE := $(wildcard ssl_ptx/data/demo.py ssl_ptx/data/_demo*.py ssl_ptx/data/_phantom.py)
+
+$(DEMO_ROOT)/.complete: $(STAMP) $(DEMO_CODE)
 	$(BIN)/python -m ssl_ptx.data.demo --root $(DEMO_ROOT) --n-siim $(DEMO_N) --size $(DEMO_SIZE) --seed 0
+	$(BIN)/python -m external_data --chexpert-dir $(DEMO_ROOT)/chexpert --nih-dir $(DEMO_ROOT)/nih \
+		--montgomery-dir $(DEMO_ROOT)/montgomery --no-progress
 	touch $@
 
 demo: $(DEMO_ROOT)/.complete
