@@ -40,6 +40,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rle.py --json outputs/bench_rle.json
 	$(BIN)/python benchmarks/bench_data.py --json outputs/bench_data.json
+	$(BIN)/python benchmarks/bench_lovasz.py --json outputs/bench_lovasz.json
 
 clean:
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache
