@@ -462,6 +462,19 @@ def _check_mask_shape(mask: np.ndarray | None, canvas: _Canvas) -> None:
         raise ValueError(f"pneumothorax mask has shape {mask.shape}, expected {canvas.shape}")
 
 
+#: ranges of a pneumothorax's air darkening and pleural-line brightness (attenuation units).
+#: The air gain is about three times what looks realistic (0.04–0.07): with that, a ResNet18
+#: UNet trained from scratch for 16 short epochs at 128² (the demo preset) never beat the
+#: all-empty prediction; with this range it reaches a positive-image Dice near 0.6.
+AIR_GAIN_RANGE = (0.18, 0.24)
+PLEURAL_LINE_GAIN_RANGE = (0.12, 0.2)
+
+
+def _finding_gains(rng: np.random.Generator) -> tuple[float, float]:
+    """(air darkening, pleural-line brightness) of one pneumothorax."""
+    return rng.uniform(*AIR_GAIN_RANGE), rng.uniform(*PLEURAL_LINE_GAIN_RANGE)
+
+
 def _add_pneumothorax(
     density: np.ndarray,
     texture: np.ndarray,
@@ -538,7 +551,7 @@ def render_chest_xray(
     texture = 0.14 * _vessels(texture_rng, canvas, lung_soft, hila, a.half_width)
     texture += 0.03 * _band_noise(texture_rng, canvas.shape, 0.006 * side, 0.025 * side) * lung_soft
 
-    gains = finding_rng.uniform(0.04, 0.07), finding_rng.uniform(0.12, 0.2)
+    gains = _finding_gains(finding_rng)
     if pneumothorax is not None:
         _add_pneumothorax(density, texture, pneumothorax, lungs, lung_soft, gains, side)
     density += texture + _bones(bone_rng, a, canvas) * (0.2 + 0.8 * lung_soft)
@@ -736,7 +749,7 @@ def render_lateral_xray(
     texture = 0.1 * _vessels(texture_rng, canvas, lung_soft, hila, 0.3)
     texture += 0.03 * _band_noise(texture_rng, canvas.shape, 0.006 * side, 0.025 * side) * lung_soft
 
-    gains = finding_rng.uniform(0.04, 0.07), finding_rng.uniform(0.12, 0.2)
+    gains = _finding_gains(finding_rng)
     if pneumothorax is not None:
         _add_pneumothorax(density, texture, pneumothorax, lungs, lung_soft, gains, side)
     density += texture + _lateral_bones(bone_rng, g, a, canvas, lung_soft)
