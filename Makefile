@@ -29,6 +29,7 @@ $(DEMO_ROOT)/.complete: $(STAMP) $(DEMO_CODE)
 
 demo: $(DEMO_ROOT)/.complete
 	$(BIN)/python recipes/prepare_data.py --siim-dir $(DEMO_ROOT)/siim --out $(DEMO_OUT) --size $(DEMO_SIZE)
+	$(BIN)/python recipes/train_supervised.py --demo-dir $(DEMO_ROOT) --out outputs/demo_supervised
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,8 @@ stage_2_train.csv; the demo root written by `python -m ssl_ptx.data.demo` has th
 and writes to --out:
 
   manifest.csv        one row per image: id, path, label, union RLE, fold, view, size, area
-  cache_<size>.h5     images and masks decoded and resized once (resumable; rerun to continue)
+  cache_<size>.h5     images and masks decoded and resized once (resumable; rerun to continue;
+                      rebuilt when the label CSV has changed since, e.g. a rewritten demo root)
   cache_grid.png      a contact sheet of cached images, pneumothorax outlined in red
 
 Example:
@@ -18,8 +19,8 @@ import argparse
 from pathlib import Path
 
 from ssl_ptx.data.cache import CacheReader, build_cache
-from ssl_ptx.data.siim import load_siim
-from ssl_ptx.fileio import atomic_path
+from ssl_ptx.data.siim import find_label_csv, load_siim
+from ssl_ptx.fileio import atomic_path, atomic_write_bytes
 from ssl_ptx.viz import cache_contact_sheet, write_png
 
 
@@ -41,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _label_csv_identity(csv: Path) -> str:
+    """Path, size and modification time of the label CSV: a rewritten root changes it."""
+    stat = csv.stat()
+    return f"{csv.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     progress = not args.no_progress
@@ -56,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"          -> {manifest_path}")
 
     cache_path = args.out / f"cache_{args.size}.h5"
-    if cache_path.exists() and not args.rebuild_cache:
+    source_path = cache_path.with_suffix(".source")
+    source = _label_csv_identity(args.csv or find_label_csv(args.siim_dir))
+    stale = source_path.is_file() and source_path.read_text() != source
+    if stale:
+        print(f"cache: {cache_path} was built from an older label CSV; rebuilding")
+    if cache_path.exists() and not (args.rebuild_cache or stale):
         with CacheReader(cache_path) as cache:
             if not set(cache.image_ids) <= set(manifest["image_id"]):
                 raise SystemExit(
@@ -66,8 +78,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cache: reusing {cache_path} ({n_cached} images; --rebuild-cache to rebuild)")
     else:
         report = build_cache(
-            manifest, cache_path, size=args.size, progress=progress, overwrite=args.rebuild_cache
+            manifest,
+            cache_path,
+            size=args.size,
+            progress=progress,
+            overwrite=args.rebuild_cache or stale,
         )
+        atomic_write_bytes(source_path, source.encode())
         print(f"cache: {report.n_written} images at {args.size}², {report.n_skipped} skipped")
         print(f"       -> {cache_path}")
 
