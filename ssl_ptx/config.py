@@ -289,7 +289,7 @@ def _demo_preset() -> TrainConfig:
         loss=LossConfig(name="symmetric_lovasz"),
         data=DataConfig(size=128, augment="light", positive_rate=0.5, batch_size=16),
         trainer=TrainerConfig(
-            epochs=12, lr=1e-3, scheduler="cosine", warmup_epochs=0.5, clip_grad_norm=1.0
+            epochs=16, lr=1e-3, scheduler="cosine", warmup_epochs=0.5, clip_grad_norm=1.0
         ),
         out_dir="outputs/demo_supervised",
     )
