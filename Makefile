@@ -27,9 +27,14 @@ $(DEMO_ROOT)/.complete: $(STAMP) $(DEMO_CODE)
 		--montgomery-dir $(DEMO_ROOT)/montgomery --no-progress
 	touch $@
 
-demo: $(DEMO_ROOT)/.complete
-	$(BIN)/python recipes/prepare_data.py --siim-dir $(DEMO_ROOT)/siim --out $(DEMO_OUT) --size $(DEMO_SIZE)
+# each recipe's run is redone only when the demo root (or the run's stamp) is newer
+outputs/demo_supervised/.complete: $(DEMO_ROOT)/.complete
 	$(BIN)/python recipes/train_supervised.py --demo-dir $(DEMO_ROOT) --out outputs/demo_supervised
+	touch $@
+
+demo: $(DEMO_ROOT)/.complete outputs/demo_supervised/.complete
+	$(BIN)/python recipes/prepare_data.py --siim-dir $(DEMO_ROOT)/siim --out $(DEMO_OUT) --size $(DEMO_SIZE)
+	@echo "supervised demo model: outputs/demo_supervised (metrics.csv, curves.png, checkpoints/)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
