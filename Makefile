@@ -34,7 +34,10 @@ outputs/demo_supervised/.complete: $(DEMO_ROOT)/.complete
 
 demo: $(DEMO_ROOT)/.complete outputs/demo_supervised/.complete
 	$(BIN)/python recipes/prepare_data.py --siim-dir $(DEMO_ROOT)/siim --out $(DEMO_OUT) --size $(DEMO_SIZE)
+	$(BIN)/python recipes/predict.py outputs/demo_supervised/checkpoints --weights 0.5 0.3 0.2 \
+		--tune-on-val --out outputs/demo_predict --no-progress
 	@echo "supervised demo model: outputs/demo_supervised (metrics.csv, curves.png, checkpoints/)"
+	@echo "predictions: outputs/demo_predict (submission.csv, probabilities.h5, rule.json, overlays/)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -47,6 +50,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rle.py --json outputs/bench_rle.json
 	$(BIN)/python benchmarks/bench_data.py --json outputs/bench_data.json
 	$(BIN)/python benchmarks/bench_lovasz.py --json outputs/bench_lovasz.json
+	$(BIN)/python benchmarks/bench_inference.py --checkpoint outputs/demo_supervised/checkpoints/best-epoch015.pt \
+		--json outputs/bench_inference.json
 
 clean:
 	rm -rf $(DEMO_ROOT) outputs .pytest_cache
