@@ -11,7 +11,8 @@ files, best first by the validation metric stored in each, so "RUN/checkpoints -
 0.3 0.2" is the 3rd place's top-3 weighting; "A.pt,B.pt" (joined by a comma) is one model whose
 WEIGHTS are the mean of A's and B's (checkpoints of one run). Horizontal-flip TTA is on
 unless --no-tta. --lung-crop LUNG.pt crops every image to the lung box predicted by a lung
-model (a Trainer checkpoint of a lung segmenter) before segmenting and pastes the maps back.
+model (lung_segmenter.pt of recipes/train_lung_segmenter.py, with its crop settings) before
+segmenting and pastes the maps back.
 
 Post-processing: --rule RULE.json (written by an earlier run or ssl_ptx.postprocess.save_rule),
 or --tune-on-val: search the 1st place's triplet (top threshold, min area above it, bottom
@@ -47,8 +48,6 @@ from ssl_ptx.engine.callbacks import monitor_mode
 from ssl_ptx.inference import (
     Predictor,
     ProbabilityStore,
-    checkpoint_input_size,
-    load_model,
     manifest_from_dicom_folder,
     run_validation_manifest,
 )
@@ -239,12 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cropper = None
         if args.lung_crop is not None:
-            lung_model, lung_info = load_model(args.lung_crop)
-            cropper = LungCropper(
-                lung_model.to(device),
-                input_size=checkpoint_input_size(lung_info) or 256,
-                device=device,
-            )
+            cropper = LungCropper.from_checkpoint(args.lung_crop, device=device)
         predictor = Predictor.from_checkpoints(
             entries,
             weights=args.weights,

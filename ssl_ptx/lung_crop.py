@@ -23,14 +23,22 @@ Crops are squashed to the model's square input (aspect not kept) as in the 3rd p
 Paste-back resizes a crop-level probability map to the box and places it into a canvas of the
 original shape; :func:`paste_average` averages several crops with a count map, outside every
 box the probability is the fill (0).
+
+Boxes are stored as fractions of the image side (:meth:`Box.to_fractions`), which survive any
+resize of the image, e.g. the squash into an HDF5 cache. :meth:`LungCropper.save` writes the
+lung model, its config and the crop settings into one checkpoint that
+:meth:`LungCropper.from_checkpoint` rebuilds (loaded with ``weights_only``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +51,8 @@ from ssl_ptx.data.images import resize_image, resize_mask
 
 __all__ = [
     "FALLBACK_REASONS",
+    "LUNG_CROP_KEY",
+    "LUNG_REASON",
     "Box",
     "LungCropper",
     "box_from_mask",
@@ -56,7 +66,10 @@ logger = logging.getLogger(__name__)
 
 #: reasons :func:`box_from_mask` gives when it returns the full image instead of a lung box.
 FALLBACK_REASONS = ("no_lung", "box_too_small")
-_LUNG_REASON = "lungs"
+#: key of the crop settings in a lung checkpoint (beside ``model`` and ``model_config``)
+LUNG_CROP_KEY = "lung_crop"
+#: the reason :func:`box_from_mask` gives with a lung box
+LUNG_REASON = "lungs"
 _REFERENCE_SIDE = 1024
 _EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -111,6 +124,33 @@ class Box:
         """``{"y0": .., "x0": .., "y1": .., "x1": ..}`` (JSON-serialisable)."""
         return asdict(self)
 
+    def to_fractions(self, shape: Sequence[int]) -> tuple[float, float, float, float]:
+        """``(y0 / H, x0 / W, y1 / H, x1 / W)`` for an image of shape ``(H, W, ...)``: the box
+        in coordinates normalised to [0, 1], unchanged when the image is resized or squashed."""
+        _check_box_fits(self, shape, "image")
+        height, width = int(shape[0]), int(shape[1])
+        return self.y0 / height, self.x0 / width, self.y1 / height, self.x1 / width
+
+    @classmethod
+    def from_fractions(cls, fractions: Sequence[float], shape: Sequence[int]) -> Box:
+        """The pixel box of normalised ``(y0, x0, y1, x1)`` on an image of shape ``(H, W, ...)``.
+
+        The smallest pixel box containing the fractional one (starts rounded down, ends up,
+        with a tolerance of 1e-6 px for float noise), at least one pixel per side, inside the
+        image. ``Box.from_fractions(box.to_fractions(shape), shape) == box``.
+
+        Raises:
+            ValueError: not four values, a value outside [0, 1], or an end before its start.
+        """
+        values = [float(v) for v in fractions]
+        if len(values) != 4 or not all(0.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"box fractions must be four values in [0, 1], got {fractions!r}")
+        if values[0] >= values[2] or values[1] >= values[3]:
+            raise ValueError(f"box fractions {fractions!r}: need y0 < y1 and x0 < x1")
+        y0, y1 = _pixel_interval(values[0], values[2], int(shape[0]))
+        x0, x1 = _pixel_interval(values[1], values[3], int(shape[1]))
+        return cls(y0, x0, y1, x1)
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Box:
         """Inverse of :meth:`to_json`; raises ``ValueError`` naming a missing key."""
@@ -118,6 +158,14 @@ class Box:
         if missing:
             raise ValueError(f"box dict {data!r} lacks keys {missing}")
         return cls(data["y0"], data["x0"], data["y1"], data["x1"])
+
+
+def _pixel_interval(start: float, end: float, side: int) -> tuple[int, int]:
+    """Pixels ``[first, last)`` covering the fractional interval ``[start, end)`` of ``side``."""
+    tolerance = 1e-6
+    first = min(math.floor(start * side + tolerance), side - 1)
+    last = max(math.ceil(end * side - tolerance), first + 1)
+    return first, min(last, side)
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -189,7 +237,7 @@ def box_from_mask(
         return Box.full(mask.shape), "box_too_small"
     if keep_aspect:
         box = _grow_to_square(box, (height, width))
-    return box, _LUNG_REASON
+    return box, LUNG_REASON
 
 
 def _grow_to_square(box: Box, shape: tuple[int, int]) -> Box:
@@ -305,10 +353,12 @@ class LungCropper:
     """Lung boxes of chest X-rays from a lung segmentation model.
 
     Args:
-        model: maps ``[B, 1, S, S]`` float images in 0..1 to lung logits ``[B, 1, s, s]`` (or
-            ``[B, s, s]``); put in eval mode while predicting, its mode restored afterwards.
+        model: maps ``[B, C, S, S]`` float images in 0..1 (the grey image repeated over
+            ``C = in_channels``) to lung logits ``[B, 1, s, s]`` (or ``[B, s, s]``); put in
+            eval mode while predicting, its mode restored afterwards.
         threshold: lung probability above which a pixel is lung.
         input_size: the model's square input side ``S`` in pixels.
+        in_channels: the model's input channels ``C``.
         min_component_area, margin, min_box, keep_aspect: the box rule of
             :func:`box_from_mask` (fractions of the image area / side).
         device: where the model runs; default: the device of its first parameter (CPU if none).
@@ -325,19 +375,22 @@ class LungCropper:
         margin: float = 40 / _REFERENCE_SIDE,
         min_box: float = 300 / _REFERENCE_SIDE,
         keep_aspect: bool = False,
+        in_channels: int = 1,
         device: torch.device | str | None = None,
         batch_size: int = 16,
     ) -> None:
         _check_settings(min_component_area, margin, min_box)
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        if input_size <= 0 or batch_size <= 0:
+        if min(input_size, batch_size, in_channels) <= 0:
             raise ValueError(
-                f"input_size and batch_size must be positive, got {input_size}, {batch_size}"
+                "input_size, batch_size and in_channels must be positive, got "
+                f"{input_size}, {batch_size}, {in_channels}"
             )
         self.model = model
         self.threshold = float(threshold)
         self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
         self.min_component_area = float(min_component_area)
         self.margin = float(margin)
         self.min_box = float(min_box)
@@ -353,6 +406,7 @@ class LungCropper:
         return {
             "threshold": self.threshold,
             "input_size": self.input_size,
+            "in_channels": self.in_channels,
             "min_component_area": self.min_component_area,
             "margin": self.margin,
             "min_box": self.min_box,
@@ -370,6 +424,70 @@ class LungCropper:
     ) -> LungCropper:
         """Rebuild a cropper from :meth:`settings` and the lung model."""
         return cls(model, **settings, device=device, batch_size=batch_size)
+
+    def save(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write the lung model, its config and the crop settings to one checkpoint.
+
+        The file is an ``ssl_ptx`` checkpoint (atomic write, read with ``weights_only``):
+        ``model`` (state dict on CPU), ``model_config`` (the model's resolved config, as
+        ``ssl_ptx.models.create_model`` stores it), :data:`LUNG_CROP_KEY` (:meth:`settings`)
+        and the entries of ``extra`` (e.g. ``metrics``, ``config``: tensors, numbers, strings,
+        None and containers only). :meth:`from_checkpoint` rebuilds the cropper.
+
+        Raises:
+            ValueError: the model has no ``model_config`` (it was not built by ``create_model``).
+        """
+        from ssl_ptx.engine.checkpoint import save_checkpoint
+
+        model_config = getattr(self.model, "model_config", None)
+        if model_config is None:
+            raise ValueError(
+                f"cannot save a lung cropper whose model ({type(self.model).__name__}) has no "
+                "model_config; build it with ssl_ptx.models.create_model"
+            )
+        weights = {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items()}
+        state = {
+            **extra,
+            "model": weights,
+            "model_config": dict(model_config),
+            LUNG_CROP_KEY: self.settings(),
+        }
+        return save_checkpoint(state, path)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        batch_size: int = 16,
+    ) -> LungCropper:
+        """Rebuild the cropper a :meth:`save` (or ``train_lung_segmenter.py``) wrote.
+
+        The model is built from ``model_config`` with ``encoder_weights=None`` (the stored
+        weights replace any pretrained ones, so nothing is downloaded), loaded with
+        ``weights_only``, moved to ``device`` and put in eval mode.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ssl_ptx.engine.checkpoint.CheckpointError: not a lung checkpoint (no ``model``,
+                ``model_config`` or crop settings), or weights that do not fit the model.
+        """
+        from ssl_ptx.engine.checkpoint import CheckpointError, load_checkpoint
+        from ssl_ptx.models import create_model
+
+        state = load_checkpoint(path, required=("model", "model_config", LUNG_CROP_KEY))
+        model_config = dict(state["model_config"])
+        if "encoder_weights" in model_config:
+            model_config["encoder_weights"] = None
+        try:
+            model = create_model(model_config)
+            model.load_state_dict(state["model"])
+            return cls.from_settings(
+                model.to(device).eval(), state[LUNG_CROP_KEY], device=device, batch_size=batch_size
+            )
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: cannot rebuild the lung cropper: {error}") from error
 
     def predict_lung(
         self, images: Sequence[np.ndarray], *, progress: bool = False
@@ -393,17 +511,8 @@ class LungCropper:
         Never raises on an image without lungs: it gets the full-image box and a reason in
         :data:`FALLBACK_REASONS`, and one warning counts the fallbacks of the call.
         """
-        results = [
-            box_from_mask(
-                probability > self.threshold,
-                min_component_area=self.min_component_area,
-                margin=self.margin,
-                min_box=self.min_box,
-                keep_aspect=self.keep_aspect,
-            )
-            for probability in self._probabilities(images, progress)
-        ]
-        fallbacks = Counter(reason for _, reason in results if reason != _LUNG_REASON)
+        results = [self.box_of(p) for p in self._probabilities(images, progress)]
+        fallbacks = Counter(reason for _, reason in results if reason != LUNG_REASON)
         if fallbacks:
             details = ", ".join(f"{reason}: {n}" for reason, n in sorted(fallbacks.items()))
             logger.warning(
@@ -413,6 +522,36 @@ class LungCropper:
                 details,
             )
         return results
+
+    def box_of(self, probability: np.ndarray) -> tuple[Box, str]:
+        """``(box, reason)`` of one H×W lung probability map (e.g. from :meth:`predict_lung`):
+        :func:`box_from_mask` of ``probability > threshold`` with this cropper's settings."""
+        return box_from_mask(
+            probability > self.threshold,
+            min_component_area=self.min_component_area,
+            margin=self.margin,
+            min_box=self.min_box,
+            keep_aspect=self.keep_aspect,
+        )
+
+    def normalised_boxes(
+        self, images: Sequence[np.ndarray], *, progress: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
+        """:meth:`boxes` as fractions of each image's side (:meth:`Box.to_fractions`).
+
+        Returns:
+            ``(fractions, reasons)``: ``float64`` [N, 4] rows ``(y0, x0, y1, x1)`` in [0, 1]
+            and one reason per image (``"lungs"`` or one of :data:`FALLBACK_REASONS`).
+        """
+        results = self.boxes(images, progress=progress)
+        fractions = np.array(
+            [
+                box.to_fractions(image.shape)
+                for (box, _), image in zip(results, images, strict=True)
+            ],
+            np.float64,
+        ).reshape(len(results), 4)
+        return fractions, [reason for _, reason in results]
 
     def _probabilities(self, images: Sequence[np.ndarray], progress: bool) -> Iterator[np.ndarray]:
         for index, image in enumerate(images):
@@ -436,7 +575,9 @@ class LungCropper:
         """``float32`` [B, s, s] lung probabilities at the model's output size."""
         inputs = np.stack([resize_image(image, self.input_size) for image in batch])
         tensor = torch.from_numpy(inputs).to(self.device).float().div_(255.0).unsqueeze(1)
-        logits = self.model(tensor)
+        logits = self.model(tensor.expand(-1, self.in_channels, -1, -1))
+        if isinstance(logits, (tuple, list)):  # (mask logits, presence logits)
+            logits = logits[0]
         if logits.ndim == 4 and logits.shape[1] == 1:
             logits = logits[:, 0]
         if logits.ndim != 3 or logits.shape[0] != len(batch):

@@ -314,7 +314,8 @@ def test_predict_recipe_on_the_validation_fold(
     out = tmp_path / "out"
     recipe = _load_recipe()
     args = [str(checkpoint), "--data-dir", str(demo_root / "siim"), "--tune-on-val"]
-    args += ["--lung-crop", str(checkpoint)]  # any segmenter serves as a lung model here
+    lung = LungCropper(_tiny_checkpoint(tmp_path / "unused.pt", seed=1), input_size=32)
+    args += ["--lung-crop", str(lung.save(tmp_path / "lung.pt"))]  # random lungs serve here
     code = recipe.main([*args, "--out", str(out), "--overlays", "4", "--no-progress"])
     assert code == 0
     manifest = load_siim(demo_root / "siim", progress=False)

@@ -294,3 +294,78 @@ def test_lung_cropper_settings_round_trip_and_validation():
         cropper.predict_lung([np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.float32)])
     with pytest.raises(ValueError, match="min_box"):
         LungCropper(model, min_box=2.0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    height=st.integers(1, 5000),
+    width=st.integers(1, 5000),
+    data=st.data(),
+)
+def test_box_fractions_round_trip_and_survive_a_resize(height, width, data):
+    y0 = data.draw(st.integers(0, height - 1))
+    y1 = data.draw(st.integers(y0 + 1, height))
+    x0 = data.draw(st.integers(0, width - 1))
+    x1 = data.draw(st.integers(x0 + 1, width))
+    box = Box(y0, x0, y1, x1)
+    fractions = box.to_fractions((height, width))
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+    assert Box.from_fractions(fractions, (height, width)) == box
+    # on a resized image the box is the smallest pixel box holding the scaled one
+    new_shape = (data.draw(st.integers(1, 600)), data.draw(st.integers(1, 600)))
+    scaled = Box.from_fractions(fractions, new_shape)
+    assert scaled.fits(new_shape)
+    assert (
+        scaled.y0 <= y0 * new_shape[0] / height + 1e-6
+        and scaled.y1 >= y1 * new_shape[0] / height - 1e-6
+    )
+    assert (
+        scaled.x0 <= x0 * new_shape[1] / width + 1e-6
+        and scaled.x1 >= x1 * new_shape[1] / width - 1e-6
+    )
+
+
+def test_box_fractions_refuse_bad_values():
+    with pytest.raises(ValueError, match="four values in \\[0, 1\\]"):
+        Box.from_fractions((0.1, 0.2, 1.2, 0.5), (10, 10))
+    with pytest.raises(ValueError, match="y0 < y1"):
+        Box.from_fractions((0.5, 0.2, 0.5, 0.5), (10, 10))
+    with pytest.raises(ValueError, match="does not fit"):
+        Box(0, 0, 11, 5).to_fractions((10, 10))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(st.integers(200, 700), st.integers(200, 700)),
+    data=st.data(),
+    size=st.sampled_from([128, (96, 160), (192, 64)]),
+)
+def test_crop_then_paste_round_trips_any_box_and_aspect(shape, data, size):
+    height, width = shape
+    box_h = data.draw(st.integers(height // 4, height))
+    box_w = data.draw(st.integers(width // 4, width))
+    y0 = data.draw(st.integers(0, height - box_h))
+    x0 = data.draw(st.integers(0, width - box_w))
+    box = Box(y0, x0, y0 + box_h, x0 + box_w)
+    lesion = _ellipse(shape, box)
+    restored = paste(crop_mask(lesion, box, size).astype(np.float32), box, shape) > 0.5
+    assert _iou(restored, lesion) > 0.9
+    assert not restored[:y0].any() and not restored[:, : box.x0].any()
+
+
+class _ThreeChannelModel(nn.Module):
+    """Needs 3 input channels and returns (mask logits, presence logits) like UNetCBAM."""
+
+    def forward(self, images: torch.Tensor):
+        assert images.shape[1] == 3
+        return images[:, :1] * 40 - 20, images.mean((1, 2, 3))
+
+
+def test_lung_cropper_feeds_the_model_channels_and_takes_mask_logits():
+    cropper = LungCropper(_ThreeChannelModel(), input_size=32, in_channels=3, min_box=0.1)
+    image = np.zeros((64, 64), np.uint8)
+    image[10:50, 8:30] = 255  # "lung" where the image is bright
+    ((box, reason),) = cropper.boxes([image])
+    assert reason == "lungs"
+    assert np.abs(np.subtract(box.as_tuple(), (10 - 2, 8 - 2, 50 + 2, 30 + 2))).max() <= 1
+    assert cropper.settings()["in_channels"] == 3

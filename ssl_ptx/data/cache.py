@@ -12,12 +12,18 @@ Layout of the file (``h5py``)::
     labels      [N]       float64 manifest label (1, 0, -1 or NaN)
     meta/<col>  [N]       the other manifest columns of :data:`STORED_COLUMNS`
     attrs       version, size, n, columns (the stored manifest columns), manifest_fingerprint
+    lung_boxes/<key>/boxes    [N, 4] float64  optional, added later by :func:`store_lung_boxes`:
+                                  a lung box per image, ``(y0, x0, y1, x1)`` as fractions of
+                                  the image side (so they hold for the original image too)
+    lung_boxes/<key>/reasons  [N] str         "lungs", or why the box is the full image
+    lung_boxes/<key>.attrs    info (JSON): what computed them (e.g. lung checkpoint, settings)
 
 The build streams: it reads ``chunk`` manifest rows at a time, writes each block to its own part
 file in ``<out>.parts/`` (atomically), and finally merges the parts into ``<out>.tmp``, which is
 renamed to ``out``. An interrupted build therefore resumes at the first missing block, and
 ``out`` never exists half-written. Images that cannot be read are skipped, listed in the report
-and in ``<out>.skipped.csv``.
+and in ``<out>.skipped.csv``. Lung boxes are computed the same way, block by block into
+``<out>.lung-<key>.parts/``, and written into the finished cache in one short step at the end.
 
 Command line::
 
@@ -29,11 +35,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,14 +61,20 @@ __all__ = [
     "STORED_COLUMNS",
     "CacheReader",
     "CacheReport",
+    "LungBoxes",
     "SampleReadError",
     "SkippedImage",
     "build_cache",
-    "manifest_has_mask",
+    "check_box_fractions",
     "main",
+    "manifest_fingerprint",
+    "manifest_has_mask",
     "open_cache",
     "read_sample",
+    "store_lung_boxes",
 ]
+
+logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
 #: manifest columns kept in the cache besides ``image_id`` and ``label`` (under ``meta/``)
@@ -76,6 +90,8 @@ STORED_COLUMNS: tuple[str, ...] = (
 )
 _FINGERPRINT_COLUMNS = ["image_id", "path", "label", "rle", "mask_path"]
 _BUILD_INFO = "build.json"
+_LUNG_GROUP = "lung_boxes"
+_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class SampleReadError(ValueError):
@@ -197,11 +213,22 @@ class CacheReport:
         return len(self.skipped)
 
 
+def _row_hashes(manifest: pd.DataFrame) -> bytes:
+    """One 64-bit hash per row of the columns that decide what a cache holds."""
+    rows = pd.util.hash_pandas_object(manifest[_FINGERPRINT_COLUMNS].astype(str), index=False)
+    return rows.to_numpy().tobytes()
+
+
+def manifest_fingerprint(manifest: pd.DataFrame) -> str:
+    """SHA-256 hex digest of a manifest's ``image_id``, ``path``, ``label``, ``rle`` and
+    ``mask_path`` columns, row by row: equal manifests give equal caches."""
+    return hashlib.sha256(_row_hashes(manifest)).hexdigest()
+
+
 def _fingerprint(manifest: pd.DataFrame, size: int, chunk: int) -> str:
     """Hash of everything that decides the cache's content, so stale parts are never reused."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}:{size}:{chunk}:{len(manifest)}".encode())
-    rows = pd.util.hash_pandas_object(manifest[_FINGERPRINT_COLUMNS].astype(str), index=False)
-    digest.update(rows.to_numpy().tobytes())
+    digest.update(_row_hashes(manifest))
     return digest.hexdigest()
 
 
@@ -392,6 +419,175 @@ def build_cache(
     )
 
 
+#: lung boxes of a batch of cached images: ``uint8`` S×S images → ``(fractions, reasons)``,
+#: fractions ``float`` [B, 4] rows ``(y0, x0, y1, x1)`` in [0, 1] and one reason per image
+#: (e.g. ``ssl_ptx.lung_crop.LungCropper.normalised_boxes``)
+BoxPredictor = Callable[[list[np.ndarray]], tuple[np.ndarray, Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class LungBoxes:
+    """Lung boxes stored in a cache under one key (see :func:`store_lung_boxes`).
+
+    Attributes:
+        key: the name they are stored under (``lung_boxes/<key>``).
+        boxes: ``float64`` [N, 4], one ``(y0, x0, y1, x1)`` row per cached image, in fractions
+            of the image side (``ssl_ptx.lung_crop.Box.from_fractions`` gives pixels at any
+            size, the original image's included).
+        reasons: per image, ``"lungs"`` or why the box is the full image (``"no_lung"``, …).
+        info: what computed them, as given to :func:`store_lung_boxes`.
+    """
+
+    key: str
+    boxes: np.ndarray
+    reasons: tuple[str, ...]
+    info: dict[str, Any]
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_PATTERN.fullmatch(key) or key.endswith(".incomplete"):
+        raise ValueError(f"lung box key {key!r}: use letters, digits, '_', '.' and '-' only")
+
+
+def _read_lung_boxes(file: h5py.File, key: str) -> LungBoxes | None:
+    """The boxes stored under ``key`` in an open cache, or None."""
+    group = file.get(f"{_LUNG_GROUP}/{key}")
+    if group is None:
+        return None
+    return LungBoxes(
+        key=key,
+        boxes=_read_only(group["boxes"][:]),
+        reasons=tuple(group["reasons"].asstr()[:]),
+        info=json.loads(group.attrs["info"]),
+    )
+
+
+def check_box_fractions(boxes: np.ndarray, n: int, name: str) -> np.ndarray:
+    """``boxes`` as a read-only ``float64`` [n, 4] array of ``(y0, x0, y1, x1)`` fractions.
+
+    Raises:
+        ValueError: another shape, a value outside [0, 1], or an end not after its start; the
+            message starts with ``name`` and gives the first bad row.
+    """
+    boxes = np.array(boxes, dtype=np.float64)
+    if boxes.shape != (n, 4):
+        raise ValueError(f"{name}: expected shape ({n}, 4), one box per image; got {boxes.shape}")
+    valid = (
+        (boxes >= 0).all(axis=1)
+        & (boxes <= 1).all(axis=1)
+        & (boxes[:, 0] < boxes[:, 2])
+        & (boxes[:, 1] < boxes[:, 3])
+    )
+    if not valid.all():
+        row = int(np.flatnonzero(~valid)[0])
+        raise ValueError(
+            f"{name}, row {row}: {boxes[row].tolist()} is not (y0, x0, y1, x1) fractions in "
+            "[0, 1] with y0 < y1 and x0 < x1"
+        )
+    return _read_only(boxes)
+
+
+def store_lung_boxes(
+    cache_path: str | Path,
+    key: str,
+    predict: BoxPredictor,
+    *,
+    info: Mapping[str, Any] | None = None,
+    chunk: int = 256,
+    progress: bool = True,
+) -> LungBoxes:
+    """Compute a lung box for every image of a cache and store them in it, under ``key``.
+
+    The cached images are read ``chunk`` at a time and passed to ``predict``; each block's
+    boxes go to a part file in ``<cache>.lung-<key>.parts/`` (atomically), so a rerun after an
+    interruption resumes at the first missing block. At the end the boxes are written into the
+    cache (``lung_boxes/<key>``, made visible under that name only once complete) and the parts
+    are removed. When ``key`` is already stored nothing is computed.
+
+    The cache must not be open for writing elsewhere, nor open in this process (a
+    :class:`CacheReader` that has read images): HDF5 cannot add the boxes then.
+
+    Args:
+        cache_path: a cache written by :func:`build_cache`.
+        key: name of this set of boxes (letters, digits, ``_ . -``), e.g. a hash of the lung
+            checkpoint, so boxes of several lung models can live side by side.
+        predict: see :data:`BoxPredictor`.
+        info: JSON-serialisable description stored with the boxes (checkpoint, settings).
+        chunk: images per block (the unit of resumption and of memory use).
+        progress: show a tqdm progress bar over images.
+
+    Returns:
+        The stored :class:`LungBoxes`.
+
+    Raises:
+        FileNotFoundError: no cache at ``cache_path``.
+        ValueError: a bad ``key`` or ``chunk``, or ``predict`` returned boxes of the wrong shape
+            or outside [0, 1] (the message names the cache row).
+    """
+    cache_path = Path(cache_path)
+    _check_key(key)
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    if not cache_path.is_file():
+        raise FileNotFoundError(f"cache file {cache_path} does not exist")
+    with h5py.File(cache_path, "r") as file:
+        stored = _read_lung_boxes(file, key)
+        n, build = int(file.attrs["n"]), str(file.attrs["manifest_fingerprint"])
+    if stored is not None:
+        return stored
+    info = json.loads(json.dumps(dict(info or {})))  # fails early when not JSON-serialisable
+    parts_dir = cache_path.with_name(f"{cache_path.name}.lung-{key}.parts")
+    parts_fingerprint = hashlib.sha256(f"{build}:{n}:{chunk}".encode()).hexdigest()
+    try:
+        _prepare_parts_dir(parts_dir, parts_fingerprint, overwrite=False)
+    except ValueError:
+        logger.warning("%s: parts of another cache or chunk size; starting over", parts_dir)
+        _prepare_parts_dir(parts_dir, parts_fingerprint, overwrite=True)
+
+    starts = range(0, n, chunk)
+    part_paths = [parts_dir / f"part-{i:06d}.npz" for i in range(len(starts))]
+    done = [path.exists() for path in part_paths]
+    rows_done = sum(min(chunk, n - start) for start, d in zip(starts, done, strict=True) if d)
+    with (
+        h5py.File(cache_path, "r") as file,
+        tqdm(
+            total=n, initial=rows_done, desc="lung boxes", unit="img", disable=not progress
+        ) as bar,
+    ):
+        images = file["images"]
+        for start, part_path, already in zip(starts, part_paths, done, strict=True):
+            if already:
+                continue
+            block = list(images[start : start + chunk])
+            boxes, reasons = predict(block)
+            where = f"lung boxes of cache rows {start}..{start + len(block) - 1}"
+            boxes = check_box_fractions(boxes, len(block), where)
+            if len(reasons) != len(block):
+                raise ValueError(f"{where}: {len(reasons)} reasons for {len(block)} images")
+            with atomic_path(part_path) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, boxes=boxes, reasons=np.asarray(reasons, dtype=str))
+            bar.update(len(block))
+
+    boxes_parts, reasons = [], []
+    for part_path in part_paths:
+        with np.load(part_path, allow_pickle=False) as part:
+            boxes_parts.append(part["boxes"])
+            reasons += part["reasons"].tolist()
+    boxes = np.concatenate(boxes_parts) if boxes_parts else np.empty((0, 4), np.float64)
+    with h5py.File(cache_path, "r+") as file:
+        group = file.require_group(_LUNG_GROUP)
+        incomplete = f"{key}.incomplete"
+        if incomplete in group:
+            del group[incomplete]
+        entry = group.create_group(incomplete)
+        entry["boxes"] = boxes
+        entry.create_dataset("reasons", data=reasons, dtype=h5py.string_dtype())
+        entry.attrs["info"] = json.dumps(info)
+        group.move(incomplete, key)
+    shutil.rmtree(parts_dir)
+    return LungBoxes(key=key, boxes=_read_only(boxes), reasons=tuple(reasons), info=info)
+
+
 class CacheReader:
     """Random access to a cache written by :func:`build_cache`.
 
@@ -470,6 +666,23 @@ class CacheReader:
             table[column] = values.asstr()[:] if values.dtype.kind == "O" else values[:]
         table["has_mask"] = self.has_mask.copy()
         return pd.DataFrame(table)
+
+    def lung_box_keys(self) -> list[str]:
+        """Keys of the lung boxes stored in the cache (:func:`store_lung_boxes`), sorted."""
+        with h5py.File(self.path, "r") as file:
+            group = file.get(_LUNG_GROUP)
+            return sorted(k for k in group if not k.endswith(".incomplete")) if group else []
+
+    def lung_boxes(self, key: str) -> LungBoxes:
+        """The lung boxes stored under ``key``; KeyError naming the cache and the stored keys."""
+        with h5py.File(self.path, "r") as file:
+            stored = _read_lung_boxes(file, key)
+        if stored is None:
+            raise KeyError(
+                f"cache {self.path} has no lung boxes {key!r}; stored: {self.lung_box_keys()} "
+                "(compute them with store_lung_boxes)"
+            )
+        return stored
 
     def close(self) -> None:
         """Close this process's handle (a later access reopens it)."""

@@ -11,6 +11,10 @@ A sample is a dict::
     has_mask  bool scalar: the manifest gave a mask (losses should ignore ``mask`` otherwise)
     image_id  str
     index     int, position in the dataset
+
+With ``boxes`` (e.g. the lung boxes of :func:`ssl_ptx.data.cache.store_lung_boxes`), image and
+mask are cut to each item's box first and resized to ``size``; the transform then augments the
+crop.
 """
 
 from __future__ import annotations
@@ -24,8 +28,15 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from ssl_ptx.data.cache import CacheReader, SampleReadError, manifest_has_mask, read_sample
+from ssl_ptx.data.cache import (
+    CacheReader,
+    SampleReadError,
+    check_box_fractions,
+    manifest_has_mask,
+    read_sample,
+)
 from ssl_ptx.data.manifest import validate_manifest
+from ssl_ptx.lung_crop import Box, crop, crop_mask
 
 __all__ = ["SegmentationDataset"]
 
@@ -42,13 +53,20 @@ class SegmentationDataset(Dataset):
             arrays (e.g. :func:`ssl_ptx.data.transforms.build_transforms`). In each DataLoader
             worker its random state is reseeded from the worker's torch seed, so workers do not
             repeat each other's augmentations and a seeded DataLoader is reproducible.
-        size: manifest sources only: resize image and mask to size×size (int) or (h, w) before
-            the transform; None keeps the native size. A cache is already resized; giving a
-            different size for one is an error.
+        size: resize image and mask to size×size (int) or (h, w) before the transform; None
+            keeps the native (manifest) or cached size, or with ``boxes`` the crop's pixel size.
+            Without ``boxes`` a cache is already resized, and a different size for one is an
+            error; with ``boxes`` it is the size of the crop.
         in_channels: channels of the returned image (the grey image repeated).
+        boxes: ``float`` [N, 4], one ``(y0, x0, y1, x1)`` box per item in fractions of the
+            image side (:class:`~ssl_ptx.lung_crop.Box` ``.to_fractions``), or None. Each item
+            is cut to its box (the smallest pixel box containing it, at the image's native or
+            cached size) and the crop is resized to ``size`` (image area/bilinear, mask by
+            coverage so small lesions survive), all before the transform.
 
     Raises:
-        ValueError: invalid manifest, ``size`` disagreeing with a cache, or ``in_channels`` < 1.
+        ValueError: invalid manifest, ``size`` disagreeing with a cache, ``in_channels`` < 1,
+            or ``boxes`` of the wrong shape or outside [0, 1] (naming the row).
     """
 
     def __init__(
@@ -58,11 +76,13 @@ class SegmentationDataset(Dataset):
         *,
         size: int | tuple[int, int] | None = None,
         in_channels: int = 1,
+        boxes: np.ndarray | None = None,
     ) -> None:
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if isinstance(source, CacheReader):
-            if size is not None and tuple(np.broadcast_to(size, 2)) != (source.size,) * 2:
+            resizes = size is not None and tuple(np.broadcast_to(size, 2)) != (source.size,) * 2
+            if resizes and boxes is None:
                 raise ValueError(
                     f"{source.path} holds {source.size}×{source.size} images but size={size}; "
                     "rebuild the cache at that size or leave size=None"
@@ -83,6 +103,7 @@ class SegmentationDataset(Dataset):
         self.transform = transform
         self.size = size
         self.in_channels = in_channels
+        self.boxes = None if boxes is None else check_box_fractions(boxes, len(self), "boxes")
         self._seeded_pid: int | None = None
 
     def __len__(self) -> int:
@@ -101,14 +122,19 @@ class SegmentationDataset(Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is not None:
             try:
-                return self._cache[index]
+                image, mask = self._cache[index]
             except (OSError, ValueError) as error:
                 raise SampleReadError(
                     self._image_ids[index], f"{self._cache.path} row {index}", str(error)
                 ) from error
-        row = {column: values[index] for column, values in self._columns.items()}
-        image, mask, _ = read_sample(row, self.size)
-        return image, mask
+        else:
+            row = {column: values[index] for column, values in self._columns.items()}
+            image, mask, _ = read_sample(row, self.size if self.boxes is None else None)
+        if self.boxes is None:
+            return image, mask
+        box = Box.from_fractions(self.boxes[index], image.shape)
+        size = self.size if self.size is not None else (box.height, box.width)
+        return crop(image, box, size), crop_mask(mask, box, size)
 
     def _reseed_transform_in_worker(self) -> None:
         """Give each DataLoader worker its own augmentation stream (once per process)."""
