@@ -1,11 +1,16 @@
 """Typed experiment configuration: dataclasses, YAML files and ``key=value`` overrides.
 
-A run is described by one :class:`TrainConfig` with four sections::
+A run is described by one :class:`TrainConfig` with five sections::
 
     model    ModelConfig    the network (the keys of ``ssl_ptx.models.create_model``)
     loss     LossConfig     the segmentation loss (``ssl_ptx.losses.build_loss``) and head weight
     data     DataConfig     where the images are, folds, size, augmentation, sampling, batches
     trainer  TrainerConfig  optimiser, schedule, precision, devices, checkpoints, validation
+    ema      EMAConfig      an exponential moving average of the weights (off by default)
+
+A Mean Teacher run (:class:`MeanTeacherTrainConfig`, presets :data:`MEAN_TEACHER_PRESETS`)
+adds ``mean_teacher`` (:class:`MeanTeacherConfig`) and ``unlabelled``
+(:class:`UnlabelledConfig`).
 
 Values come, in order of precedence, from the command line (``--set trainer.lr=3e-4``), a YAML
 file (the same nesting: ``trainer: {lr: 3e-4}``), a preset (:data:`PRESETS`) and the dataclass
@@ -36,13 +41,19 @@ import yaml
 from ssl_ptx.fileio import atomic_path
 
 __all__ = [
+    "LUNG_PRESETS",
+    "MEAN_TEACHER_PRESETS",
     "PRESETS",
     "ConfigError",
     "DataConfig",
+    "EMAConfig",
     "LossConfig",
+    "MeanTeacherConfig",
+    "MeanTeacherTrainConfig",
     "ModelConfig",
     "TrainConfig",
     "TrainerConfig",
+    "UnlabelledConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
@@ -129,10 +140,21 @@ class DataConfig:
         demo_size: side in pixels of a demo root written by the recipe.
         cache_dir: folder of the manifest and HDF5 caches (reused across runs); None = read
             and resize the DICOMs at every access.
+        cache_size: side in pixels of the cached images (None = ``size``). Lung crops are cut
+            from the cached images, so a cache larger than ``size`` keeps detail in the crop.
+        lung_crop: a lung checkpoint (``recipes/train_lung_segmenter.py``): train and validate
+            on each image's lung box, computed once and stored in the cache (needs
+            ``cache_dir``); None = whole images.
+        montgomery_dir: a Montgomery-layout root for the lung pre-segmenter; None = the
+            demo root's ``montgomery/`` folder.
         size: training and validation side in pixels.
         n_folds: cross-validation folds of the manifest.
         fold: the validation fold; the others train.
         fold_seed: seed of the fold assignment.
+        labelled_fraction: share of the training images whose masks are used, drawn per
+            label (positives and negatives separately) with ``labelled_seed``; supervised
+            training leaves the others out, Mean Teacher uses them as unlabelled images.
+        labelled_seed: seed of that draw (the same seed keeps the same images).
         augment: training augmentation preset (``ssl_ptx.data.transforms``) or "none".
         random_sized_crop: smallest side fraction of an extra random crop (None = none).
         positive_rate: share of positive images per epoch at epoch 0 (every positive once,
@@ -150,10 +172,15 @@ class DataConfig:
     demo_images: int = 500
     demo_size: int = 256
     cache_dir: str | None = "outputs/cache"
+    cache_size: int | None = None
+    lung_crop: str | None = None
+    montgomery_dir: str | None = None
     size: int = 128
     n_folds: int = 5
     fold: int = 0
     fold_seed: int = 0
+    labelled_fraction: float = 1.0
+    labelled_seed: int = 0
     augment: str = "light"
     random_sized_crop: float | None = None
     positive_rate: float | None = None
@@ -172,7 +199,22 @@ class DataConfig:
             f"must be in [0, {self.n_folds}) with n_folds={self.n_folds}, got {self.fold}",
         )
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(
+            self.cache_size is None or self.cache_size > 0,
+            "data.cache_size",
+            f"must be positive or none, got {self.cache_size}",
+        )
+        _require(
+            self.lung_crop is None or self.cache_dir is not None,
+            "data.lung_crop",
+            "needs data.cache_dir: the lung boxes are computed once and stored in the cache",
+        )
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(
+            0.0 < self.labelled_fraction <= 1.0,
+            "data.labelled_fraction",
+            f"must be a fraction in (0, 1], got {self.labelled_fraction}",
+        )
         for key in ("positive_rate", "positive_rate_end"):
             value = getattr(self, key)
             _require(
@@ -272,14 +314,172 @@ class TrainerConfig:
 
 
 @dataclass
+class EMAConfig:
+    """An exponential moving average (EMA) of the weights, validated each epoch and saved
+    beside the trained model (``ssl_ptx.engine.ema_callback.EMACallback``).
+
+    Attributes:
+        decay: base decay d in [0, 1]: the average remembers about 1/(1 − d) optimiser steps.
+            None = no EMA (the default); setting it switches the EMA on.
+        schedule: "constant" (``decay`` throughout), "third_place" (an exact copy during the
+            first ``copy_epochs`` epochs, then ``decay``: the 3rd place's copy for epochs 1–6,
+            then 0.99) or "fifth_place" (0.5 / 0.9 / 0.99 / 0.999 from epochs 1 / 6 / 11 / 21;
+            ``decay`` then only switches the EMA on).
+        copy_epochs: the "third_place" schedule's epochs of exact copying.
+        warmup: None, "mean_teacher" (d_t = min(1 − 1/(t + 1), d) at update t) or "power"
+            (timm's 1 − (1 + t)^(−2/3)), below the scheduled decay.
+        buffers: "average" (BatchNorm statistics averaged like the weights) or "copy" (copied
+            from the trained model at every update).
+        top_k: best EMA weight files kept by ``ema_val_dice`` (None = ``trainer.top_k``).
+    """
+
+    decay: float | None = None
+    schedule: Literal["constant", "third_place", "fifth_place"] = "constant"
+    copy_epochs: int = 6
+    warmup: Literal["mean_teacher", "power"] | None = None
+    buffers: Literal["average", "copy"] = "average"
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.decay is None or 0.0 <= self.decay <= 1.0,
+            "ema.decay",
+            f"must be in [0, 1] or none, got {self.decay}",
+        )
+        _require(self.copy_epochs >= 0, "ema.copy_epochs", f"must be >= 0, got {self.copy_epochs}")
+        _require(
+            self.top_k is None or self.top_k >= 0,
+            "ema.top_k",
+            f"must be >= 0 or none, got {self.top_k}",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """True when an EMA is kept (``decay`` is set)."""
+        return self.decay is not None
+
+
+@dataclass
 class TrainConfig:
-    """A whole supervised run: the four sections and the output folder."""
+    """A whole supervised run: the five sections and the output folder."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     out_dir: str = "outputs/supervised"
+
+
+@dataclass
+class MeanTeacherConfig:
+    """Mean Teacher (``ssl_ptx.mean_teacher.MeanTeacher``) inside the Trainer.
+
+    Epochs below are counted from 0 and fractional (advanced at every optimiser step).
+
+    Attributes:
+        ema_decay: the teacher's EMA decay (under "constant" ``decay_schedule``).
+        decay_schedule: "constant" (``ema_decay``) or "fifth_place" (0.5 / 0.9 / 0.99 / 0.999
+            from epochs 0 / 5 / 10 / 20).
+        ema_warmup: "mean_teacher" (d_t = min(1 − 1/(t + 1), d) at update t; the original
+            code and the 5th place), "power" (timm's) or None.
+        consistency: "mse" (on sigmoid probabilities) or "kl".
+        consistency_weight: the weight w_max reached at the end of the sigmoid ramp-up.
+        weight_schedule: "sigmoid_rampup" (w_max · exp(−5 (1 − e/L)²) for e < L, then w_max;
+            L = ``rampup_epochs``) or "fifth_place" (0.001 for e < 5, then
+            2 · exp(−5 (1 − min(e, 30)/30)²)).
+        rampup_epochs: L of the sigmoid ramp-up (0 = full weight from the start).
+        presence_weight: factor of the presence-head consistency (models with a presence head;
+            5th place: 0.001).
+        buffers: the teacher's BatchNorm statistics: "own" (its own), "average" or "copy"
+            (from the student).
+        teacher_bn: "refresh" (teacher targets in eval mode; after each update one train-mode
+            teacher pass on the labelled batch refreshes its statistics: 5th place), "train"
+            (targets in train mode: the original code) — both with ``buffers="own"`` — or
+            "eval" with ``buffers`` "average" / "copy" (the pair is checked when the run
+            starts, so that both can be changed one ``--set`` at a time).
+        joint_forward: one student forward on the labelled and unlabelled images together.
+        student_brightness: b: the student's view of an unlabelled image is multiplied by
+            U(1 − b, 1 + b), the teacher's is not (5th place: 0.1). Both views share geometry.
+        view_noise: standard deviation of Gaussian noise added independently to each view
+            (images in [0, 1]; the original Mean Teacher; 0 = none).
+    """
+
+    ema_decay: float = 0.99
+    decay_schedule: Literal["constant", "fifth_place"] = "constant"
+    ema_warmup: Literal["mean_teacher", "power"] | None = "mean_teacher"
+    consistency: Literal["mse", "kl"] = "mse"
+    consistency_weight: float = 1.0
+    weight_schedule: Literal["sigmoid_rampup", "fifth_place"] = "sigmoid_rampup"
+    rampup_epochs: float = 5.0
+    presence_weight: float = 0.001
+    buffers: Literal["own", "average", "copy"] = "own"
+    teacher_bn: Literal["refresh", "train", "eval"] = "refresh"
+    joint_forward: bool = True
+    student_brightness: float = 0.1
+    view_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.ema_decay <= 1.0,
+            "mean_teacher.ema_decay",
+            f"must be in [0, 1], got {self.ema_decay}",
+        )
+        for key in ("consistency_weight", "rampup_epochs", "presence_weight", "view_noise"):
+            _require(getattr(self, key) >= 0, f"mean_teacher.{key}", "must be >= 0")
+        _require(
+            0.0 <= self.student_brightness < 1.0,
+            "mean_teacher.student_brightness",
+            f"must be in [0, 1), got {self.student_brightness}",
+        )
+
+
+@dataclass
+class UnlabelledConfig:
+    """Where the unlabelled images of a semi-supervised run come from, and how many per step.
+
+    Attributes:
+        batch_size: GLOBAL unlabelled images per optimiser step (split evenly over DDP
+            processes), beside ``data.batch_size`` labelled ones (5th place: 16 + 4).
+        nih: draw from NIH ChestX-ray14 images.
+        nih_dir: an NIH root in its published layout; None = ``<data.demo_dir>/nih``.
+        nih_select: "all" NIH images, or "pneumothorax": only those whose finding labels
+            include Pneumothorax.
+        nih_exclude: a text file of NIH image ids (one per line) to leave out, e.g. the
+            images behind the SIIM validation fold.
+        nih_max_images: at most this many NIH images (a draw seeded by ``data.labelled_seed``);
+            None = all selected.
+        siim_rest: also the SIIM training images whose masks are not used
+            (``data.labelled_fraction`` < 1).
+    """
+
+    batch_size: int = 4
+    nih: bool = True
+    nih_dir: str | None = None
+    nih_select: Literal["all", "pneumothorax"] = "all"
+    nih_exclude: str | None = None
+    nih_max_images: int | None = None
+    siim_rest: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            self.batch_size >= 1, "unlabelled.batch_size", f"must be >= 1, got {self.batch_size}"
+        )
+        _require(
+            self.nih_max_images is None or self.nih_max_images >= 1,
+            "unlabelled.nih_max_images",
+            f"must be >= 1 or none, got {self.nih_max_images}",
+        )
+
+
+@dataclass
+class MeanTeacherTrainConfig(TrainConfig):
+    """A Mean Teacher run: a supervised run's sections plus ``mean_teacher`` and
+    ``unlabelled``."""
+
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+    unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
+    out_dir: str = "outputs/mean_teacher"
 
 
 def _demo_preset() -> TrainConfig:
@@ -298,8 +498,9 @@ def _demo_preset() -> TrainConfig:
 def _full_preset() -> TrainConfig:
     """The 3rd place's final model (bestfitting): SE-ResNeXt50 UNet with CBAM (r 16, k 1) in
     the decoder and a hypercolumn head, symmetric Lovasz, Adam 1e-4 constant, 576², global
-    batch 9, gradient clipping at 1, "aug9", 50/50 positive sampling, 10 folds, 20 epochs.
-    The EMA (0.99 from epoch 7) arrives with ``ssl_ptx.ema``."""
+    batch 9, gradient clipping at 1, "aug9", 50/50 positive sampling, 10 folds, 20 epochs,
+    and their EMA of the weights: an exact copy for epochs 1–6, then decay 0.99; checkpoints
+    are ranked by the EMA's validation Dice."""
     return TrainConfig(
         model=ModelConfig(
             encoder_name="se_resnext50_32x4d",
@@ -318,7 +519,14 @@ def _full_preset() -> TrainConfig:
             batch_size=9,
             num_workers=4,
         ),
-        trainer=TrainerConfig(epochs=20, lr=1e-4, scheduler="constant", clip_grad_norm=1.0),
+        trainer=TrainerConfig(
+            epochs=20,
+            lr=1e-4,
+            scheduler="constant",
+            clip_grad_norm=1.0,
+            monitor="ema_val_dice",
+        ),
+        ema=EMAConfig(decay=0.99, schedule="third_place", copy_epochs=6),
         out_dir="outputs/supervised_full",
     )
 
@@ -330,11 +538,85 @@ PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
 }
 
 
-def preset(name: str) -> TrainConfig:
-    """A fresh copy of the preset ``name`` (a key of :data:`PRESETS`)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return PRESETS[name]()
+def preset(
+    name: str, presets: Mapping[str, typing.Callable[[], TrainConfig]] | None = None
+) -> TrainConfig:
+    """A fresh copy of the preset ``name`` of ``presets`` (default :data:`PRESETS`; e.g.
+    :data:`MEAN_TEACHER_PRESETS`)."""
+    presets = PRESETS if presets is None else presets
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; known: {sorted(presets)}")
+    return presets[name]()
+
+
+def _as_mean_teacher(base: TrainConfig, **changes: Any) -> MeanTeacherTrainConfig:
+    """``base``'s sections in a :class:`MeanTeacherTrainConfig`, with ``changes``."""
+    sections = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig)}
+    return MeanTeacherTrainConfig(**{**sections, **changes})
+
+
+def _mean_teacher_demo() -> MeanTeacherTrainConfig:
+    """Minutes on 2 CPU cores, and the setting of ``benchmarks/evidence_mean_teacher.py``: the
+    supervised demo preset's model, loss and optimiser at 96² for 35 epochs; 25 % of the SIIM
+    training masks kept (a draw per label); the other SIIM training images and the demo NIH
+    images unlabelled; 8 labelled + 4 unlabelled images per step; teacher decay 0.95 with the
+    Mean Teacher warm-up (a horizon of about 20 of the run's 175 steps); consistency weight 30
+    (the MSE of probabilities is ~1e-3 where the Lovasz loss is ~0.5) ramped up over 3 epochs.
+    Chosen on fold 1 of the demo root; the evidence is reported on fold 0."""
+    base = _demo_preset()
+    return _as_mean_teacher(
+        base,
+        data=dataclasses.replace(base.data, size=96, batch_size=8, labelled_fraction=0.25),
+        trainer=dataclasses.replace(base.trainer, epochs=35),
+        mean_teacher=MeanTeacherConfig(ema_decay=0.95, consistency_weight=30.0, rampup_epochs=3),
+        unlabelled=UnlabelledConfig(batch_size=4),
+        out_dir="outputs/demo_mean_teacher",
+    )
+
+
+def _mean_teacher_full() -> MeanTeacherTrainConfig:
+    """The 5th place (earhian) schedule: 1024², global batch 16 labelled + 4 unlabelled NIH
+    images, Adam 3e-4 (weight decay 1e-4) constant, gradient clipping at 10, 50 % positive
+    sampling, 6 folds, teacher decay 0.5 / 0.9 / 0.99 / 0.999 from epochs 0 / 5 / 10 / 20 with
+    the Mean Teacher warm-up, consistency weight 0.001 then 2·exp(−5(1 − e/30)²) from epoch 5,
+    MSE on sigmoid probabilities, teacher BatchNorm refreshed on the labelled batch, student
+    view brightness × U(0.9, 1.1). Their network (SE-ResNeXt50 with ASPP, trained from a new
+    1-channel stem) is our SE-ResNeXt50 UNet-CBAM with a hypercolumn head here, and their
+    loss (1024·BCE + presence BCE) is the recipe's ``--loss bce_cls``; the default loss is
+    symmetric Lovasz. They stopped by hand after 23–74 epochs; 40 here."""
+    return MeanTeacherTrainConfig(
+        model=ModelConfig(
+            encoder_name="se_resnext50_32x4d",
+            in_channels=1,
+            hypercolumn=True,
+            decoder_channels=[64, 64, 64, 64, 64],
+        ),
+        loss=LossConfig(name="symmetric_lovasz"),
+        data=DataConfig(
+            size=1024, n_folds=6, augment="light", positive_rate=0.5, batch_size=16, num_workers=4
+        ),
+        trainer=TrainerConfig(
+            epochs=40,
+            lr=3e-4,
+            weight_decay=1e-4,
+            scheduler="constant",
+            clip_grad_norm=10.0,
+        ),
+        mean_teacher=MeanTeacherConfig(
+            decay_schedule="fifth_place",
+            weight_schedule="fifth_place",
+            student_brightness=0.1,
+        ),
+        unlabelled=UnlabelledConfig(batch_size=4, siim_rest=False),
+        out_dir="outputs/mean_teacher_full",
+    )
+
+
+#: name → function returning a fresh :class:`MeanTeacherTrainConfig`
+MEAN_TEACHER_PRESETS: dict[str, typing.Callable[[], MeanTeacherTrainConfig]] = {
+    "demo": _mean_teacher_demo,
+    "full": _mean_teacher_full,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,3 +819,43 @@ def save_config(config: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# lung pre-segmenter presets (recipes/train_lung_segmenter.py)
+
+
+def _lung_demo_preset() -> TrainConfig:
+    """Minutes on 2 CPU cores: the demo root's 40 Montgomery images at 128², ResNet18
+    UNet-CBAM (k 1), symmetric Lovasz, cosine Adam 1e-3, batch 8, 40 epochs, 4 folds."""
+    return TrainConfig(
+        model=ModelConfig(
+            encoder_name="resnet18", cbam_kernel=1, decoder_channels=[128, 64, 32, 16, 16]
+        ),
+        loss=LossConfig(name="symmetric_lovasz"),
+        data=DataConfig(size=128, n_folds=4, fold_seed=100, augment="light", batch_size=8),
+        trainer=TrainerConfig(epochs=40, lr=1e-3, scheduler="cosine", warmup_epochs=1.0, top_k=0),
+        out_dir="outputs/lung_demo",
+    )
+
+
+def _lung_full_preset() -> TrainConfig:
+    """The 3rd place's lung model: UNet(ResNet34)-CBAM (r 16, k 1) at 256², symmetric Lovasz,
+    Adam 1e-4 constant (they lowered it to 5e-5 after epoch 25), batch 16, 30 epochs, "aug9",
+    no class balancing, 4 random folds with seed 100, fold 0 held out."""
+    return TrainConfig(
+        model=ModelConfig(encoder_name="resnet34", cbam_reduction=16, cbam_kernel=1),
+        loss=LossConfig(name="symmetric_lovasz"),
+        data=DataConfig(
+            size=256, n_folds=4, fold_seed=100, augment="bestfitting", batch_size=16, num_workers=4
+        ),
+        trainer=TrainerConfig(epochs=30, lr=1e-4, scheduler="constant", top_k=0),
+        out_dir="outputs/lung_full",
+    )
+
+
+#: lung pre-segmenter presets: name → function returning a fresh :class:`TrainConfig`
+LUNG_PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
+    "demo": _lung_demo_preset,
+    "full": _lung_full_preset,
+}
