@@ -89,6 +89,7 @@ FLAG_KEYS = {
     "siim_dir": "data.siim_dir",
     "demo_dir": "data.demo_dir",
     "fold": "data.fold",
+    "lung_crop": "data.lung_crop",
     "epochs": "trainer.epochs",
     "device": "trainer.device",
     "out": "out_dir",
@@ -173,6 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="record pixels with probability in [LOW, HIGH) of kept images as ignored",
     )
     parser.add_argument("--fold", type=int, help="validation fold (data.fold)")
+    parser.add_argument(
+        "--lung-crop",
+        metavar="LUNG_PT",
+        help="train on lung crops: lung_segmenter.pt of recipes/train_lung_segmenter.py "
+        "(data.lung_crop; set data.cache_size above data.size, e.g. 256, to keep detail)",
+    )
     parser.add_argument("--epochs", type=int, help="student epochs (trainer.epochs)")
     parser.add_argument(
         "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"

@@ -10,8 +10,16 @@ Presets (--preset):
         positive sampling, global batch 16, 16 epochs: about 5 minutes on 2 CPU cores.
   full  the 3rd place's final model: SE-ResNeXt50 UNet-CBAM (r 16, k 1) with a hypercolumn
         head, symmetric Lovasz, Adam 1e-4 constant, 576², global batch 9, gradient clipping
-        at 1, "aug9" augmentation, 50 % positive sampling, 10 folds, 20 epochs. (Their EMA of
-        the weights comes with ssl_ptx.ema; their lung crops with ssl_ptx.lung_crop.)
+        at 1, "aug9" augmentation, 50 % positive sampling, 10 folds, 20 epochs, and their EMA
+        of the weights (an exact copy for epochs 1-6, then decay 0.99; checkpoints ranked by
+        the EMA's validation Dice). (Their lung crops come with ssl_ptx.lung_crop.)
+
+EMA of the weights (section ema, off in the demo preset): --ema [DECAY] or --set
+ema.decay=0.99 switches it on; --set ema.schedule=third_place|fifth_place|constant, --set
+ema.copy_epochs=6, --set ema.warmup=mean_teacher|power, --set ema.buffers=average|copy. The EMA
+is validated every epoch (ema_val_dice, ema_val_dice_pos, ema_val_fp_rate in metrics.csv and
+the curves) and its best weights are kept as checkpoints/ema_best-epochNNN.pt;
+--set trainer.monitor=ema_val_dice ranks the trained model's checkpoints by the EMA's Dice.
 
 Every value can be changed, in this order of precedence: the flags below, then --set
 SECTION.KEY=VALUE (repeatable; sections model, loss, data, trainer; e.g. --set
@@ -19,13 +27,15 @@ trainer.lr=3e-4 --set model.encoder_name=resnet34), then --config FILE.yaml (the
 nesting), then the preset. The resolved config is written to OUT/config.yaml; a wrong key or
 value stops with a message naming it.
 
-Outputs in --out: config.yaml, last.pt (full state; --resume continues from it),
-checkpoints/best-epochNNN.pt (top-k model weights by validation Dice), metrics.csv (one row per
-epoch), curves.png (loss, validation Dice split, learning rate), tensorboard/ (when installed).
+Outputs in --out: config.yaml, last.pt (full state, with the EMA's; --resume continues from
+it), checkpoints/best-epochNNN.pt (top-k model weights by validation Dice; with an EMA also
+checkpoints/ema_best-epochNNN.pt), metrics.csv (one row per epoch), curves.png (loss,
+validation Dice split, learning rate), tensorboard/ (when installed).
 
 Examples:
   python recipes/train_supervised.py                               # demo data, demo preset
   python recipes/train_supervised.py --epochs 2 --set data.size=64
+  python recipes/train_supervised.py --ema 0.99 --set ema.schedule=third_place
   python recipes/train_supervised.py --preset full --siim-dir /data/siim --fold 0 --out runs/f0
   torchrun --nproc_per_node=4 recipes/train_supervised.py --preset full --siim-dir /data/siim
   python recipes/train_supervised.py --resume outputs/demo_supervised/last.pt --epochs 20
@@ -58,6 +68,7 @@ from ssl_ptx.engine import (
 )
 from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.distributed import destroy_distributed
+from ssl_ptx.engine.ema_callback import build_ema_callback
 from ssl_ptx.engine.loaders import build_train_loader, build_val_loader
 from ssl_ptx.losses import build_loss
 from ssl_ptx.models import create_model
@@ -67,8 +78,10 @@ FLAG_KEYS = {
     "siim_dir": "data.siim_dir",
     "demo_dir": "data.demo_dir",
     "fold": "data.fold",
+    "lung_crop": "data.lung_crop",
     "epochs": "trainer.epochs",
     "device": "trainer.device",
+    "ema": "ema.decay",
     "out": "out_dir",
 }
 
@@ -94,9 +107,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--siim-dir", help="real SIIM root (default: the demo root)")
     parser.add_argument("--demo-dir", help="demo data root (default: demo_data)")
     parser.add_argument("--fold", type=int, help="validation fold (data.fold)")
+    parser.add_argument(
+        "--lung-crop",
+        metavar="LUNG_PT",
+        help="train on lung crops: lung_segmenter.pt of recipes/train_lung_segmenter.py "
+        "(data.lung_crop; set data.cache_size above data.size, e.g. 256, to keep detail)",
+    )
     parser.add_argument("--epochs", type=int, help="training epochs (trainer.epochs)")
     parser.add_argument(
         "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        nargs="?",
+        const=0.99,
+        metavar="DECAY",
+        help="keep an EMA of the weights with this decay (alone: 0.99; ema.decay)",
     )
     parser.add_argument("--out", help="output folder (out_dir)")
     parser.add_argument(
@@ -142,6 +169,11 @@ def _print_split(title: str, metrics: dict) -> None:
     )
 
 
+def _unprefixed(metrics: dict, prefix: str = "ema_") -> dict:
+    """The ``prefix``ed metrics (the EMA's) under the plain names."""
+    return {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
+
+
 def main(argv: list[str] | None = None) -> FitResult:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -167,11 +199,13 @@ def main(argv: list[str] | None = None) -> FitResult:
     )
     val_loader = build_val_loader(val_set, config.data, pin_memory=pin, **layout)
     model = create_model(config_to_dict(config.model))
+    ema = build_ema_callback(config.ema, default_top_k=config.trainer.top_k)
     trainer = Trainer(
         model,
         build_loss(config.loss.build_argument()),
         config.trainer,
         out_dir=config.out_dir,
+        callbacks=[ema] if ema is not None else [],
         run_config=config,
     )
     if context.is_main:
@@ -188,6 +222,10 @@ def main(argv: list[str] | None = None) -> FitResult:
             best = load_checkpoint(result.best_checkpoint)
             _print_split(f"best epoch ({best['epoch'] + 1})", best["metrics"])
             print(f"best weights: {result.best_checkpoint}")
+        if ema is not None:
+            _print_split("EMA, last epoch", {**result.metrics, **_unprefixed(result.metrics)})
+            if ema.top_k is not None and ema.top_k.best_path is not None:
+                print(f"best EMA weights: {ema.top_k.best_path}")
         print(f"outputs: {config.out_dir} (config.yaml, last.pt, metrics.csv, curves.png)")
     destroy_distributed()
     return result
