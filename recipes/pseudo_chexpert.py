@@ -63,12 +63,11 @@ from typing import Any
 import pandas as pd
 
 from external_data import chexpert, nih
+from ssl_ptx.cli import add_config_arguments, resolve_config
 from ssl_ptx.config import (
     ConfigError,
     TrainConfig,
-    apply_overrides,
     config_to_dict,
-    load_config,
     preset,
     save_config,
 )
@@ -127,16 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PSEUDO_PRESETS), default="demo")
-    parser.add_argument("--config", type=Path, help="YAML file of overrides over the preset")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one value, e.g. --set data.labelled_fraction=0.25 (repeatable)",
-    )
+    add_config_arguments(parser, PSEUDO_PRESETS, set_example="data.labelled_fraction=0.25")
     parser.add_argument("--siim-dir", help="real SIIM root (default: the demo root's siim/)")
     parser.add_argument("--chexpert-dir", help="real CheXpert root (default: the demo root's)")
     parser.add_argument("--nih-dir", help="real NIH ChestX-ray14 root (default: the demo root's)")
@@ -191,17 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """The student's config: preset, --config, --set, then the flags."""
-    flags = [
-        f"{key}={getattr(args, flag)}"
-        for flag, key in FLAG_KEYS.items()
-        if getattr(args, flag) is not None
-    ]
-    if args.no_progress:
-        flags.append("trainer.progress=false")
-    config = PSEUDO_PRESETS[args.preset]()
-    if args.config is not None:
-        config = load_config(args.config, base=config)
-    return apply_overrides(config, [*args.overrides, *flags])
+    return resolve_config(args, PSEUDO_PRESETS, FLAG_KEYS)[0]
 
 
 def _fit(config: TrainConfig, train_loader: Any, val_loader: Any, context: Any) -> Trainer:

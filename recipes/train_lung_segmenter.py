@@ -48,21 +48,18 @@ from pathlib import Path
 
 from torch import nn
 
+from ssl_ptx.cli import add_config_arguments, add_resume_argument, resolve_config
 from ssl_ptx.config import (
     LUNG_PRESETS,
     ConfigError,
     TrainConfig,
-    apply_overrides,
-    config_from_dict,
     config_to_dict,
-    load_config,
     save_config,
 )
 from ssl_ptx.engine import (
     CheckpointError,
     Trainer,
     init_distributed,
-    load_checkpoint,
     seed_everything,
 )
 from ssl_ptx.engine.distributed import destroy_distributed
@@ -91,20 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--preset",
-        choices=sorted(LUNG_PRESETS),
-        help="starting configuration (default: demo; with --resume: the checkpoint's config)",
-    )
-    parser.add_argument("--config", type=Path, help="YAML file of overrides over the preset")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one value, e.g. --set trainer.lr=3e-4 (repeatable)",
-    )
+    add_config_arguments(parser, LUNG_PRESETS)
     parser.add_argument(
         "--montgomery-dir", help="real Montgomery set (default: the demo root's montgomery/)"
     )
@@ -115,14 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"
     )
     parser.add_argument("--out", help="output folder (out_dir)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        metavar="LAST_PT",
-        help="continue from a last.pt (alone: OUT/last.pt); its stored config replaces the "
-        "preset unless --preset is given",
-    )
+    add_resume_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     crop = parser.add_argument_group("crop settings, stored in the checkpoint")
     crop.add_argument(
@@ -168,26 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     """The run's config and the checkpoint to resume from (None for a fresh run)."""
-    flags = [
-        f"{key}={getattr(args, flag)}"
-        for flag, key in FLAG_KEYS.items()
-        if getattr(args, flag) is not None
-    ]
-    if args.no_progress:
-        flags.append("trainer.progress=false")
-    preset = LUNG_PRESETS[args.preset or "demo"]
-    resume = None
-    if args.resume is not None:
-        out_dir = args.out or preset().out_dir
-        resume = Path(out_dir) / Trainer.last_name if args.resume == "last" else Path(args.resume)
-    if resume is not None and args.preset is None:
-        stored = load_checkpoint(resume, required=("config",))["config"]
-        config = config_from_dict(stored, TrainConfig(), source=str(resume))
-    else:
-        config = preset()
-    if args.config is not None:
-        config = load_config(args.config, base=config)
-    return apply_overrides(config, [*args.overrides, *flags]), resume
+    return resolve_config(args, LUNG_PRESETS, FLAG_KEYS)
 
 
 def _report(evaluation: LungEvaluation, out_dir: Path) -> dict[str, float]:

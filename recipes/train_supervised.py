@@ -47,15 +47,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from ssl_ptx.cli import add_config_arguments, add_resume_argument, resolve_config
 from ssl_ptx.config import (
     PRESETS,
     ConfigError,
     TrainConfig,
-    apply_overrides,
-    config_from_dict,
     config_to_dict,
-    load_config,
-    preset,
     save_config,
 )
 from ssl_ptx.engine import (
@@ -90,20 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="starting configuration (default: demo; with --resume: the checkpoint's config)",
-    )
-    parser.add_argument("--config", type=Path, help="YAML file of overrides over the preset")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one value, e.g. --set trainer.lr=3e-4 (repeatable)",
-    )
+    add_config_arguments(parser, PRESETS)
     parser.add_argument("--siim-dir", help="real SIIM root (default: the demo root)")
     parser.add_argument("--demo-dir", help="demo data root (default: demo_data)")
     parser.add_argument("--fold", type=int, help="validation fold (data.fold)")
@@ -126,39 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep an EMA of the weights with this decay (alone: 0.99; ema.decay)",
     )
     parser.add_argument("--out", help="output folder (out_dir)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="last",
-        metavar="LAST_PT",
-        help="continue from a last.pt (alone: OUT/last.pt); its stored config replaces the "
-        "preset unless --preset is given",
-    )
+    add_resume_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     """The run's config and the checkpoint to resume from (None for a fresh run)."""
-    flags = [
-        f"{key}={getattr(args, flag)}"
-        for flag, key in FLAG_KEYS.items()
-        if getattr(args, flag) is not None
-    ]
-    if args.no_progress:
-        flags.append("trainer.progress=false")
-    resume = None
-    if args.resume is not None:
-        out_dir = args.out or preset(args.preset or "demo").out_dir
-        resume = Path(out_dir) / Trainer.last_name if args.resume == "last" else Path(args.resume)
-    if resume is not None and args.preset is None:
-        stored = load_checkpoint(resume, required=("config",))["config"]
-        config = config_from_dict(stored, TrainConfig(), source=str(resume))
-    else:
-        config = preset(args.preset or "demo")
-    if args.config is not None:
-        config = load_config(args.config, base=config)
-    return apply_overrides(config, [*args.overrides, *flags]), resume
+    return resolve_config(args, PRESETS, FLAG_KEYS)
 
 
 def _print_split(title: str, metrics: dict) -> None:
