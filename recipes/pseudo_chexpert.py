@@ -63,7 +63,7 @@ from typing import Any
 import pandas as pd
 
 from external_data import chexpert, nih
-from ssl_ptx.cli import add_config_arguments, resolve_config
+from ssl_ptx.cli import add_config_arguments, add_run_arguments, resolve_config
 from ssl_ptx.config import (
     ConfigError,
     TrainConfig,
@@ -163,18 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="record pixels with probability in [LOW, HIGH) of kept images as ignored",
     )
-    parser.add_argument("--fold", type=int, help="validation fold (data.fold)")
-    parser.add_argument(
-        "--lung-crop",
-        metavar="LUNG_PT",
-        help="train on lung crops: lung_segmenter.pt of recipes/train_lung_segmenter.py "
-        "(data.lung_crop; set data.cache_size above data.size, e.g. 256, to keep detail)",
-    )
-    parser.add_argument("--epochs", type=int, help="student epochs (trainer.epochs)")
-    parser.add_argument(
-        "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"
-    )
-    parser.add_argument("--out", help="output folder (out_dir)")
+    add_run_arguments(parser, epochs_help="student epochs (trainer.epochs)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 

@@ -48,7 +48,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ssl_ptx.cli import add_config_arguments, add_resume_argument, resolve_config
+from ssl_ptx.cli import (
+    add_config_arguments,
+    add_resume_argument,
+    add_run_arguments,
+    resolve_config,
+)
 from ssl_ptx.config import (
     LUNG_PRESETS,
     ConfigError,
@@ -93,12 +98,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--montgomery-dir", help="real Montgomery set (default: the demo root's montgomery/)"
     )
     parser.add_argument("--demo-dir", help="demo data root (default: demo_data)")
-    parser.add_argument("--fold", type=int, help="held-out fold (data.fold; 4 folds)")
-    parser.add_argument("--epochs", type=int, help="training epochs (trainer.epochs)")
-    parser.add_argument(
-        "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"
-    )
-    parser.add_argument("--out", help="output folder (out_dir)")
+    add_run_arguments(parser, fold_help="held-out fold (data.fold; 4 folds)", lung_crop=False)
     add_resume_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     crop = parser.add_argument_group("crop settings, stored in the checkpoint")

@@ -47,7 +47,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from ssl_ptx.cli import add_config_arguments, add_resume_argument, resolve_config
+from ssl_ptx.cli import (
+    add_config_arguments,
+    add_resume_argument,
+    add_run_arguments,
+    resolve_config,
+)
 from ssl_ptx.config import (
     PRESETS,
     ConfigError,
@@ -90,17 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_config_arguments(parser, PRESETS)
     parser.add_argument("--siim-dir", help="real SIIM root (default: the demo root)")
     parser.add_argument("--demo-dir", help="demo data root (default: demo_data)")
-    parser.add_argument("--fold", type=int, help="validation fold (data.fold)")
-    parser.add_argument(
-        "--lung-crop",
-        metavar="LUNG_PT",
-        help="train on lung crops: lung_segmenter.pt of recipes/train_lung_segmenter.py "
-        "(data.lung_crop; set data.cache_size above data.size, e.g. 256, to keep detail)",
-    )
-    parser.add_argument("--epochs", type=int, help="training epochs (trainer.epochs)")
-    parser.add_argument(
-        "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"
-    )
     parser.add_argument(
         "--ema",
         type=float,
@@ -109,7 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="DECAY",
         help="keep an EMA of the weights with this decay (alone: 0.99; ema.decay)",
     )
-    parser.add_argument("--out", help="output folder (out_dir)")
+    add_run_arguments(parser)
     add_resume_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)

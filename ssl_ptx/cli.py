@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 
 from ssl_ptx.config import apply_overrides, config_from_dict, load_config
 
-__all__ = ["add_config_arguments", "add_resume_argument", "flag_overrides", "resolve_config"]
+__all__ = [
+    "add_config_arguments",
+    "add_resume_argument",
+    "add_run_arguments",
+    "flag_overrides",
+    "resolve_config",
+]
 
 ConfigT = TypeVar("ConfigT")
 
@@ -54,6 +60,31 @@ def add_config_arguments(
         metavar="KEY=VALUE",
         help=f"override one value, e.g. --set {set_example} (repeatable)",
     )
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    fold_help: str = "validation fold (data.fold)",
+    epochs_help: str = "training epochs (trainer.epochs)",
+    lung_crop: bool = True,
+) -> None:
+    """Add ``--fold``, ``--lung-crop LUNG_PT`` (when ``lung_crop``), ``--epochs``, ``--device``
+    and ``--out``; map them with ``data.fold``, ``data.lung_crop``, ``trainer.epochs``,
+    ``trainer.device`` and ``out_dir`` in the recipe's ``FLAG_KEYS``."""
+    parser.add_argument("--fold", type=int, help=fold_help)
+    if lung_crop:
+        parser.add_argument(
+            "--lung-crop",
+            metavar="LUNG_PT",
+            help="train on lung crops: lung_segmenter.pt of recipes/train_lung_segmenter.py "
+            "(data.lung_crop; set data.cache_size above data.size, e.g. 256, to keep detail)",
+        )
+    parser.add_argument("--epochs", type=int, help=epochs_help)
+    parser.add_argument(
+        "--device", help="auto (CUDA when available), cpu, cuda or cuda:N (trainer.device)"
+    )
+    parser.add_argument("--out", help="output folder (out_dir)")
 
 
 def add_resume_argument(parser: argparse.ArgumentParser) -> None:
