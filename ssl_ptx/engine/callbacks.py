@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,10 +116,21 @@ class TopKCheckpoint(Callback):
         k: number of files kept (>= 1).
         monitor: key of ``trainer.callback_metrics``.
         mode: "max" or "min"; default :func:`monitor_mode`.
+        filename: file name pattern, formatted with ``epoch`` (0-based).
+        weights: ``trainer -> checkpoint dict`` to write; default
+            ``trainer.weights_checkpoint()`` (the trained model). An EMA or a teacher passes
+            its own (:mod:`ssl_ptx.engine.ema_callback`).
     """
 
     def __init__(
-        self, dirpath: str | Path, *, k: int = 3, monitor: str = "val_dice", mode: str | None = None
+        self,
+        dirpath: str | Path,
+        *,
+        k: int = 3,
+        monitor: str = "val_dice",
+        mode: str | None = None,
+        filename: str = "best-epoch{epoch:03d}.pt",
+        weights: Callable[[Trainer], dict[str, Any]] | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -130,6 +141,8 @@ class TopKCheckpoint(Callback):
         self.k = k
         self.monitor = monitor
         self.mode = mode
+        self.filename = filename
+        self.weights = weights
         self.best: list[dict[str, Any]] = []  # {"score", "epoch", "path"}, best first
 
     @property
@@ -160,9 +173,12 @@ class TopKCheckpoint(Callback):
         rank = sum(1 for entry in self.best if not self._better(score, entry["score"]))
         if rank >= self.k:
             return
-        path = self.dirpath / f"best-epoch{trainer.epoch:03d}.pt"
+        path = self.dirpath / self.filename.format(epoch=trainer.epoch)
         if trainer.is_main:
-            save_checkpoint(trainer.weights_checkpoint(), path)
+            weights = (
+                trainer.weights_checkpoint() if self.weights is None else self.weights(trainer)
+            )
+            save_checkpoint(weights, path)
         self.best.insert(rank, {"score": score, "epoch": trainer.epoch, "path": str(path)})
         for dropped in self.best[self.k :]:
             if trainer.is_main and Path(dropped["path"]) != path:

@@ -5,25 +5,40 @@ shuffled) and :func:`build_val_loader` walks the validation set once; both shard
 processes. :func:`reseed_loader` makes an epoch's data a function of a seed alone — the
 worker seeds and, without workers, the augmentation pipeline — which, with the samplers'
 ``set_epoch``, is what lets a resumed run see exactly the batches an uninterrupted one would.
+
+Semi-supervised runs draw two streams per step: :class:`TwoStreamLoader` pairs each batch of
+the labelled loader with a batch of an endless, seeded, sharded stream of unlabelled images
+(:class:`UnlabelledStreamSampler`), built by :func:`build_two_stream_loader`. The Trainer
+handles any training loader through :func:`set_loader_epoch`, :func:`reseed_loader`,
+:func:`loader_state` and :func:`load_loader_state`: a ``DataLoader``, or an object with
+``set_epoch``, ``reseed``, ``state_dict`` and ``load_state_dict`` like
+:class:`TwoStreamLoader`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
 from ssl_ptx.config import ConfigError, DataConfig
 from ssl_ptx.data.samplers import ConstantSchedule, LinearSchedule, PositiveRateSampler
+from ssl_ptx.engine.rng import derive_seed
 
 __all__ = [
     "ShardSampler",
+    "TwoStreamLoader",
+    "UnlabelledStreamSampler",
     "build_train_loader",
+    "build_two_stream_loader",
     "build_val_loader",
     "epochs_batches",
+    "load_loader_state",
     "loader_sampler",
+    "loader_state",
     "reseed_loader",
     "set_loader_epoch",
 ]
@@ -50,10 +65,10 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.num_replicas))
 
 
-def _per_rank_batch(batch_size: int, world_size: int) -> int:
+def _per_rank_batch(batch_size: int, world_size: int, key: str = "data.batch_size") -> int:
     if batch_size % world_size:
         raise ConfigError(
-            f"data.batch_size={batch_size} is the global batch and must divide evenly over "
+            f"{key}={batch_size} is the global batch and must divide evenly over "
             f"{world_size} processes"
         )
     return batch_size // world_size
@@ -145,44 +160,83 @@ def loader_sampler(loader: DataLoader) -> Any:
     return inner if inner is not None else loader.sampler
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
-    """Call ``set_epoch(epoch)`` on the loader's sampler (and batch sampler) when they have it."""
+def set_loader_epoch(loader: Any, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on a loader that has it (:class:`TwoStreamLoader`), else on
+    the DataLoader's sampler (and batch sampler) when they have it."""
+    if not isinstance(loader, DataLoader):
+        loader.set_epoch(epoch)
+        return
     samplers = (loader_sampler(loader), getattr(loader, "batch_sampler", None))
     for sampler in {id(s): s for s in samplers}.values():
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
 
-def _find_transform(dataset: Any) -> Any:
-    """The ``transform`` of ``dataset`` or of the dataset a Subset wraps (None if none)."""
+def _loader_epoch(loader: Any) -> int | None:
+    """The epoch the loader's sampler is set to (None when it has no notion of one)."""
+    if not isinstance(loader, DataLoader):
+        return loader.epoch
+    return getattr(loader_sampler(loader), "epoch", None)
+
+
+def _find_transforms(dataset: Any) -> list[Any]:
+    """The ``transform`` objects of ``dataset`` and of the datasets it wraps (``Subset``,
+    ``ConcatDataset``), each once, in order."""
+    if isinstance(dataset, ConcatDataset):
+        found = [t for part in dataset.datasets for t in _find_transforms(part)]
+        return list({id(t): t for t in found}.values())
     while dataset is not None:
         if hasattr(dataset, "transform"):
-            return dataset.transform
+            return [dataset.transform] if dataset.transform is not None else []
         dataset = getattr(dataset, "dataset", None)
-    return None
+    return []
 
 
-def reseed_loader(loader: DataLoader, seed: int) -> None:
+def reseed_loader(loader: Any, seed: int) -> None:
     """Make the next pass over ``loader`` a function of ``seed`` alone.
 
     Seeds the loader's generator (it draws the worker seeds, from which
     :class:`~ssl_ptx.data.datasets.SegmentationDataset` reseeds its augmentation in each
     worker) and, when data is loaded in the main process (``num_workers=0``), the
-    augmentation pipeline itself (albumentations keeps its own random state).
+    augmentation pipelines themselves (albumentations keeps its own random state). A loader
+    that is not a DataLoader reseeds itself (``loader.reseed(seed)``).
     """
+    if not isinstance(loader, DataLoader):
+        loader.reseed(seed)
+        return
     if loader.generator is not None:
         loader.generator.manual_seed(seed)
     if loader.num_workers == 0:
-        transform = _find_transform(loader.dataset)
-        if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(seed)
+        for transform in _find_transforms(loader.dataset):
+            if hasattr(transform, "set_random_seed"):
+                transform.set_random_seed(seed)
 
 
-def epochs_batches(loader: DataLoader, epochs: int) -> list[int]:
+def loader_state(loader: Any) -> dict[str, Any] | None:
+    """What a resumed run needs of the training loader: its sampler's ``state_dict()`` (or
+    the loader's own, for a :class:`TwoStreamLoader`); None when there is none."""
+    if not isinstance(loader, DataLoader):
+        return loader.state_dict()
+    sampler = loader_sampler(loader)
+    return sampler.state_dict() if hasattr(sampler, "state_dict") else None
+
+
+def load_loader_state(loader: Any, state: Mapping[str, Any] | None) -> None:
+    """Restore what :func:`loader_state` returned (nothing to do for None)."""
+    if state is None:
+        return
+    if not isinstance(loader, DataLoader):
+        loader.load_state_dict(state)
+        return
+    sampler = loader_sampler(loader)
+    if hasattr(sampler, "load_state_dict"):
+        sampler.load_state_dict(state)
+
+
+def epochs_batches(loader: Any, epochs: int) -> list[int]:
     """Number of batches of ``loader`` in each of ``epochs`` epochs (the positive-rate
     sampler's epochs change length with the schedule). The sampler's epoch is restored."""
-    sampler = loader_sampler(loader)
-    current = getattr(sampler, "epoch", None)
+    current = _loader_epoch(loader)
     counts = []
     for epoch in range(epochs):
         set_loader_epoch(loader, epoch)
@@ -190,3 +244,174 @@ def epochs_batches(loader: DataLoader, epochs: int) -> list[int]:
     if current is not None:
         set_loader_epoch(loader, current)
     return counts
+
+
+class UnlabelledStreamSampler(Sampler[int]):
+    """An endless, seeded stream of indices of ``range(n)``, read one window at a time.
+
+    The global stream is permutation 0 of ``range(n)``, then permutation 1, …, permutation
+    ``c`` drawn from ``numpy.random.default_rng([seed, c])``; every index appears once per
+    ``n`` positions. A step takes the next ``batch_size · num_replicas`` positions of the
+    global stream and process ``rank`` takes every ``num_replicas``-th of them starting at
+    ``rank``: the processes' batches of one step are disjoint, and together they are the batch
+    one process with the whole global batch would draw.
+
+    :meth:`set_window` chooses the positions the next iteration covers; the owner
+    (:class:`TwoStreamLoader`) keeps the stream position, so what a step draws depends on the
+    seed and the position only.
+
+    Args:
+        n: number of unlabelled images (>= 1).
+        batch_size: images per step and process.
+        seed: seed of the permutations (the same on every process).
+        num_replicas, rank: the DDP layout.
+    """
+
+    def __init__(
+        self, n: int, *, batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch={batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"need num_replicas >= 1 and 0 <= rank < num_replicas, got {num_replicas}, {rank}"
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.position = 0
+        self.n_batches = 0
+
+    @property
+    def global_batch(self) -> int:
+        """Stream positions one step consumes (all processes)."""
+        return self.batch_size * self.num_replicas
+
+    def set_window(self, position: int, n_batches: int) -> None:
+        """The next iteration yields this process's indices of ``n_batches`` steps starting
+        at global stream position ``position``."""
+        if position < 0 or n_batches < 0:
+            raise ValueError(f"need position, n_batches >= 0, got {position}, {n_batches}")
+        self.position, self.n_batches = int(position), int(n_batches)
+
+    def stream(self, start: int, count: int) -> np.ndarray:
+        """Global stream positions ``[start, start + count)`` as int64 indices."""
+        parts, cycle, offset = [], start // self.n, start % self.n
+        while count > 0:
+            permutation = np.random.default_rng([self.seed, cycle]).permutation(self.n)
+            take = permutation[offset : offset + count]
+            parts.append(take)
+            count -= take.size
+            cycle, offset = cycle + 1, 0
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        window = self.stream(self.position, self.n_batches * self.global_batch)
+        return iter(window[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.n_batches * self.batch_size
+
+
+class TwoStreamLoader:
+    """Labelled batches paired with unlabelled ones: ``{"labelled": …, "unlabelled": …}``.
+
+    An epoch is one pass over ``labelled`` (its sampler decides the length); each of its
+    batches comes with the next batch of the unlabelled stream. The stream position advances
+    by a whole epoch's worth when an epoch's iteration is complete, so a run resumed from a
+    mid-epoch checkpoint (which replays the epoch's first batches) reads the same unlabelled
+    images as an uninterrupted run; ``state_dict`` stores it beside the labelled sampler's
+    state.
+
+    Args:
+        labelled: the labelled DataLoader (e.g. :func:`build_train_loader`).
+        unlabelled: a DataLoader whose sampler is an :class:`UnlabelledStreamSampler` and
+            whose batch size is that sampler's, with ``drop_last=False``.
+    """
+
+    def __init__(self, labelled: DataLoader, unlabelled: DataLoader) -> None:
+        if not isinstance(unlabelled.sampler, UnlabelledStreamSampler):
+            raise TypeError("the unlabelled DataLoader must draw from an UnlabelledStreamSampler")
+        if unlabelled.batch_size != unlabelled.sampler.batch_size:
+            raise ValueError(
+                f"unlabelled DataLoader batch {unlabelled.batch_size} differs from its "
+                f"sampler's {unlabelled.sampler.batch_size}"
+            )
+        self.labelled, self.unlabelled = labelled, unlabelled
+        self.stream: UnlabelledStreamSampler = unlabelled.sampler
+        self.position = 0
+
+    @property
+    def epoch(self) -> int | None:
+        """The labelled sampler's epoch."""
+        return _loader_epoch(self.labelled)
+
+    def __len__(self) -> int:
+        return len(self.labelled)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n_batches = len(self.labelled)
+        self.stream.set_window(self.position, n_batches)
+        for labelled, unlabelled in zip(self.labelled, self.unlabelled, strict=True):
+            yield {"labelled": labelled, "unlabelled": unlabelled}
+        self.position += n_batches * self.stream.global_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        set_loader_epoch(self.labelled, epoch)
+
+    def reseed(self, seed: int) -> None:
+        """Reseed both loaders, each from its own stream of ``seed``."""
+        reseed_loader(self.labelled, derive_seed(seed, 0))
+        reseed_loader(self.unlabelled, derive_seed(seed, 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "labelled": loader_state(self.labelled),
+            "unlabelled_position": self.position,
+            "unlabelled_seed": self.stream.seed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        load_loader_state(self.labelled, state["labelled"])
+        self.position = int(state["unlabelled_position"])
+        self.stream.seed = int(state["unlabelled_seed"])
+
+
+def build_two_stream_loader(
+    labelled: DataLoader,
+    unlabelled: Dataset,
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    world_size: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> TwoStreamLoader:
+    """Pair ``labelled`` with an endless stream over ``unlabelled``.
+
+    Args:
+        labelled: the labelled training DataLoader.
+        unlabelled: the unlabelled dataset (its masks, if any, are not used).
+        batch_size: GLOBAL unlabelled images per step (divided over the processes).
+        seed: seed of the stream and of the unlabelled loader's generator.
+        num_workers: DataLoader workers of the unlabelled stream.
+        world_size, rank: the DDP layout.
+        pin_memory: pin host memory (when training on CUDA).
+    """
+    per_rank = _per_rank_batch(batch_size, world_size, "unlabelled.batch_size")
+    sampler = UnlabelledStreamSampler(
+        len(unlabelled), batch_size=per_rank, seed=seed, num_replicas=world_size, rank=rank
+    )
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    loader = DataLoader(
+        unlabelled,
+        batch_size=per_rank,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        generator=generator,
+        persistent_workers=False,
+    )
+    return TwoStreamLoader(labelled, loader)

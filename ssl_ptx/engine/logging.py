@@ -32,12 +32,21 @@ __all__ = [
     "plot_training_curves",
     "read_metrics_csv",
     "tensorboard_available",
+    "validated_prefixes",
 ]
 
 
 def tensorboard_available() -> bool:
     """True when the ``tensorboard`` package (needed by ``torch.utils.tensorboard``) imports."""
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def validated_prefixes(metrics: Mapping[str, Any]) -> list[str]:
+    """Prefixes of the validated models, from the metric names: ``""`` for the trained
+    model's ``val_dice``, ``"ema_"`` for ``ema_val_dice``, ``"teacher_"`` …; the trained
+    model first, the others sorted."""
+    prefixes = [key[: -len("val_dice")] for key in metrics if key.endswith("val_dice")]
+    return sorted(prefixes, key=lambda prefix: (prefix != "", prefix))
 
 
 def _number(text: str) -> float | str:
@@ -159,8 +168,10 @@ def plot_training_curves(
 
     Returns:
         ``png_path``. Panels: training and validation loss; validation Dice, positive-image
-        Dice, false-positive rate on negatives and the all-empty baseline; learning rate
-        (log scale). Epochs are counted from 1 on the x axis.
+        Dice, false-positive rate on negatives and the all-empty baseline — one line style
+        per validated model (solid: the trained model; dashed, dotted, …: the EMA or teacher
+        of ``ema_val_dice``, ``teacher_val_dice`` …); learning rate (log scale). Epochs are
+        counted from 1 on the x axis.
     """
     if isinstance(rows, (str, os.PathLike)):
         rows = read_metrics_csv(rows)
@@ -171,15 +182,21 @@ def plot_training_curves(
         loss_axes.plot(*_series(rows, key), marker="o", label=label)
     loss_axes.set(title="loss", xlabel="epoch")
     score_lines = (
-        ("val_dice", "Dice (competition)", "-"),
-        ("val_dice_pos", "Dice, positive images", "-"),
-        ("val_fp_rate", "false-positive rate, negative images", "-"),
-        ("val_all_empty_dice", "all-empty prediction", "--"),
+        ("val_dice", "Dice (competition)", "C0"),
+        ("val_dice_pos", "Dice, positive images", "C1"),
+        ("val_fp_rate", "false-positive rate, negative images", "C2"),
     )
-    for key, label, style in score_lines:
-        x, y = _series(rows, key)
-        if x:
-            score_axes.plot(x, y, style, marker="o" if style == "-" else None, label=label)
+    keys = {key: None for row in rows for key in row}
+    for prefix, style in zip(validated_prefixes(keys), ("-", "--", ":", "-."), strict=False):
+        model = f" ({prefix.rstrip('_')})" if prefix else ""
+        for key, label, color in score_lines:
+            x, y = _series(rows, prefix + key)
+            if x:
+                marker = "o" if not prefix else None
+                score_axes.plot(x, y, style, color=color, marker=marker, label=label + model)
+    x, y = _series(rows, "val_all_empty_dice")
+    if x:
+        score_axes.plot(x, y, "--", color="grey", label="all-empty prediction")
     score_axes.set(title="validation", xlabel="epoch", ylim=(-0.02, 1.02))
     lr_axes.plot(*_series(rows, "lr"), marker="o")
     lr_axes.set(title="learning rate (end of epoch)", xlabel="epoch")

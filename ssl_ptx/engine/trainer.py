@@ -27,10 +27,13 @@ before; mid-epoch checkpoints also store every process's global RNG states, and 
 skips the batches already done (they are loaded, not computed).
 
 Extending: override :meth:`Trainer.training_step` (``batch -> (loss, logs)``, as USB's
-``train_step``), :meth:`Trainer.compute_loss` or :meth:`Trainer.validation_step`; add
-callbacks. The model is wrapped in ``DistributedDataParallel`` for training only
-(``trainer.train_model``); ``trainer.model`` is always the plain module, which validation
-uses.
+``train_step``), :meth:`Trainer.compute_loss`, :meth:`Trainer.validation_step`,
+:meth:`Trainer.batch_size` (batches that are not ``{"image": …}`` dicts) or
+:meth:`Trainer.after_optimizer_step` (e.g. a teacher update; see
+:mod:`ssl_ptx.engine.semi`); add callbacks (e.g. :mod:`ssl_ptx.engine.ema_callback`). The
+model is wrapped in ``DistributedDataParallel`` for training only (``trainer.train_model``);
+``trainer.model`` is always the plain module, which validation uses. :meth:`Trainer.evaluate`
+also validates another model (an EMA, a teacher) with the same metrics.
 """
 
 from __future__ import annotations
@@ -63,12 +66,19 @@ from ssl_ptx.engine.distributed import (
     init_distributed,
     unwrap_model,
 )
-from ssl_ptx.engine.loaders import epochs_batches, loader_sampler, reseed_loader, set_loader_epoch
+from ssl_ptx.engine.loaders import (
+    epochs_batches,
+    load_loader_state,
+    loader_state,
+    reseed_loader,
+    set_loader_epoch,
+)
 from ssl_ptx.engine.logging import (
     CSVLogger,
     TensorBoardLogger,
     TrainingCurves,
     tensorboard_available,
+    validated_prefixes,
 )
 from ssl_ptx.engine.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from ssl_ptx.metrics import dice_per_image
@@ -237,6 +247,8 @@ class Trainer:
         batches_done: micro-batches done in the current epoch.
         callback_metrics: this epoch's metrics so far (what the CSV row will hold).
         should_stop: set by a callback to stop after the current epoch.
+        val_loader: the validation loader of the running ``fit`` (None without one), for
+            callbacks that validate another model.
     """
 
     last_name = "last.pt"
@@ -295,6 +307,7 @@ class Trainer:
         self._epoch_sums: dict[str, float] = {}
         self._resume_rng: Mapping[str, Any] | None = None
         self._train_loader: Any = None
+        self.val_loader: Iterable | None = None
 
     # ------------------------------------------------------------------ properties / helpers
 
@@ -352,6 +365,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def batch_size(self, batch: Mapping[str, Any]) -> int:
+        """Images of a training batch that the epoch's mean loss is weighted by."""
+        return len(batch["image"])
+
     def to_device(self, batch: Any) -> Any:
         """``batch`` with every tensor (in dicts, lists, tuples) on the trainer's device."""
         if isinstance(batch, torch.Tensor):
@@ -395,12 +412,19 @@ class Trainer:
             loss = self.loss_fn(parts[0] if len(parts) == 1 else tuple(parts), targets)
         return loss, {}
 
-    def validation_step(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mask_logits [B,1,H,W] float32, loss scalar)`` of the plain ``model``."""
+    def validation_step(
+        self, batch: Mapping[str, Any], model: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask_logits [B,1,H,W] float32, loss scalar)`` of ``model`` (default: the plain
+        ``model``)."""
         with self.autocast():
-            outputs = self.model(batch["image"])
+            outputs = (self.model if model is None else model)(batch["image"])
         loss, _ = self.compute_loss(outputs, batch)
         return split_outputs(outputs)[0].float(), loss
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimiser step (the learning rate already scheduled); a no-op
+        here. Subclasses update what follows the weights, e.g. a Mean Teacher's teacher."""
 
     # ------------------------------------------------------------------ fit
 
@@ -430,6 +454,7 @@ class Trainer:
         if config.scheduler == "plateau" and val_loader is None:
             raise ValueError("trainer.scheduler=plateau needs a validation loader")
         self._train_loader = train_loader
+        self.val_loader = val_loader
         batches = epochs_batches(train_loader, config.epochs)
         if min(batches) == 0:
             raise ValueError(
@@ -519,7 +544,7 @@ class Trainer:
                     batch_idx + 1
                 ) % config.accumulate == 0 or batch_idx + 1 == n_batches
                 loss, logs, finite = self._forward_backward(batch, closes_window)
-                images = len(batch["image"])
+                images = self.batch_size(batch)
                 stepped = False
                 grad_norm = None
                 if finite:
@@ -622,6 +647,7 @@ class Trainer:
         self.global_step += 1
         if isinstance(self.scheduler, LRScheduler):
             self.scheduler.step()
+        self.after_optimizer_step()
         return grad_norm
 
     def _stop_non_finite(self, value: float, batch_idx: int) -> None:
@@ -657,8 +683,9 @@ class Trainer:
         self.train_model.train()
 
     @torch.no_grad()
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Validation metrics of the plain ``model`` on ``loader`` (no callbacks).
+    def evaluate(self, loader: Iterable, model: nn.Module | None = None) -> dict[str, float]:
+        """Validation metrics of ``model`` (default: the plain ``model``) on ``loader`` (no
+        callbacks). ``model`` is in eval mode meanwhile and gets its mode back.
 
         Per image: prediction = probability > ``config.threshold``; competition Dice (empty
         truth and empty prediction score 1). Per-image values are gathered from every
@@ -670,8 +697,9 @@ class Trainer:
             images with any predicted pixel), ``val_all_empty_dice`` (the score of predicting
             nothing: the share of empty-truth images) and ``val_images``.
         """
-        was_training = self.model.training
-        self.model.eval()
+        model = self.model if model is None else model
+        was_training = model.training
+        model.eval()
         cut = math.log(self.config.threshold / (1.0 - self.config.threshold))
         dice, positive, predicted = [], [], []
         loss_sum = 0.0
@@ -685,14 +713,14 @@ class Trainer:
         )
         for batch in bar:
             batch = self.to_device(batch)
-            logits, loss = self.validation_step(batch)
+            logits, loss = self.validation_step(batch, model)
             prediction = logits > cut
             truth = batch["mask"] > 0.5
             dice.append(dice_per_image(prediction, truth))
             positive.append(truth.flatten(1).any(1).cpu().numpy())
             predicted.append(prediction.flatten(1).any(1).cpu().numpy())
             loss_sum += float(loss) * len(logits)
-        self.model.train(was_training)
+        model.train(was_training)
         dice_all = all_gather_arrays(_concat(dice, np.float64))
         positive_all = all_gather_arrays(_concat(positive, bool))
         predicted_all = all_gather_arrays(_concat(predicted, bool))
@@ -732,6 +760,12 @@ class Trainer:
                 f"{m['val_dice_pos']:.4f}, FP rate {m['val_fp_rate']:.3f}; all-empty "
                 f"{m['val_all_empty_dice']:.4f})"
             )
+        for prefix in validated_prefixes(m):
+            if prefix:
+                text += (
+                    f"  {prefix.rstrip('_')}: val_dice {m[prefix + 'val_dice']:.4f} (positive "
+                    f"{m[prefix + 'val_dice_pos']:.4f}, FP rate {m[prefix + 'val_fp_rate']:.3f})"
+                )
         text += (
             f"  lr {m['lr']:.2e}  {m['train_images_per_s']:.1f} img/s  {m['epoch_time_s']:.1f} s"
         )
@@ -739,11 +773,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def weights_checkpoint(self) -> dict[str, Any]:
-        """A "weights" checkpoint dict: the model's state, epoch, metrics and config."""
+    def weights_checkpoint(
+        self, model: nn.Module | None = None, source: str = "model"
+    ) -> dict[str, Any]:
+        """A "weights" checkpoint dict: the state of ``model`` (default: the trained model),
+        epoch, metrics, config, and ``source`` naming which model it is ("model", "ema",
+        "teacher")."""
         return {
             "kind": _WEIGHTS,
-            "model": unwrap_model(self.model).state_dict(),
+            "model": unwrap_model(self.model if model is None else model).state_dict(),
+            "source": source,
             "epoch": self.epoch,
             "metrics": dict(self.callback_metrics),
             "config": self.run_config,
@@ -752,7 +791,6 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """The full state written to ``last.pt``. Collective under DDP (gathers every
         process's RNG states): call it on every process."""
-        sampler = loader_sampler(self._train_loader) if self._train_loader is not None else None
         callbacks = {}
         for callback in self.callbacks:
             state = callback.state_dict()
@@ -769,7 +807,7 @@ class Trainer:
             "global_step": self.global_step,
             "nonfinite_streak": self.nonfinite_streak,
             "epoch_sums": dict(self._epoch_sums),
-            "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
+            "sampler": loader_state(self._train_loader) if self._train_loader is not None else None,
             "rng": all_gather_objects(capture_rng_state()),
             "world_size": self.world_size,
             "callbacks": callbacks,
@@ -816,9 +854,8 @@ class Trainer:
         self.nonfinite_streak = int(state["nonfinite_streak"])
         self._epoch_sums = dict(state["epoch_sums"])
         self.callback_metrics = dict(state["metrics"])
-        sampler = loader_sampler(self._train_loader) if self._train_loader is not None else None
-        if state["sampler"] is not None and hasattr(sampler, "load_state_dict"):
-            sampler.load_state_dict(state["sampler"])
+        if self._train_loader is not None:
+            load_loader_state(self._train_loader, state["sampler"])
         rng = state["rng"]
         if len(rng) == self.world_size:
             self._resume_rng = rng[self.rank]
