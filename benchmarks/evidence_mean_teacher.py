@@ -160,7 +160,11 @@ def common_arguments(args: argparse.Namespace, seed: int, out: Path) -> list[str
 
 
 def run(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
-    """One recipe run; returns its last metrics row, wall and CPU time (all threads)."""
+    """One recipe run; returns its last metrics row, wall and CPU time (all threads).
+
+    A finished run (its ``run.json`` written with the same arguments) is reused; an interrupted
+    one (``last.pt`` but no ``run.json``) is resumed, which gives the same final weights — its
+    times then cover the resumed part only (``"resumed": true``)."""
     out = args.out / f"{name}-seed{seed}"
     argv = common_arguments(args, seed, out)
     if name == "supervised":
@@ -169,11 +173,25 @@ def run(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
     else:
         argv += [option for value in args.mean_teacher for option in ("--set", value)]
         recipe = load_recipe("mean_teacher_nih")
+    record = out / "run.json"
+    if record.exists():
+        finished = json.loads(record.read_text())
+        if finished["argv"] == argv:
+            return finished
+    resumed = (out / "last.pt").exists()
     started, cpu = time.perf_counter(), time.process_time()
-    recipe.main(argv)
+    recipe.main(argv + (["--resume", "last"] if resumed else []))
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     last = read_metrics_csv(out / "metrics.csv")[-1]
-    return {"metrics": last, "seconds": seconds, "cpu_seconds": cpu_seconds, "argv": argv}
+    result = {
+        "metrics": last,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "argv": argv,
+        "resumed": resumed,
+    }
+    atomic_write_bytes(record, json.dumps(result, indent=2).encode())
+    return result
 
 
 def _averaged(state: dict[str, Any]) -> dict[str, torch.Tensor]:
