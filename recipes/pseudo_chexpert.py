@@ -13,7 +13,7 @@ Four steps:
               the teacher agrees; --band LOW HIGH records pixels to ignore (see
               docs/pseudo_labels.md). Outputs in OUT/pseudo/ (pseudo_manifest.csv, masks.h5,
               decisions.csv, skipped.csv, audit.json, area_histogram.png, gallery.png); an
-              interrupted filter resumes when rerun;
+              interrupted filter resumes when rerun, with or without --resume;
   3. student  a new UNet-CBAM with symmetric Lovasz and an EMA of the weights trains on the
               SIIM training fold plus, each epoch, a fresh draw of pseudo images: --ratio
               pseudo positives per SIIM positive (default 0.5) and pseudo negatives at SIIM's
@@ -42,10 +42,15 @@ Outputs in --out: teacher/ (its run, model.pt), pseudo/ (the filter's outputs), 
 run files (config.yaml, last.pt, metrics.csv, curves.png, checkpoints/), model.pt (the
 student's best weights, trained model or EMA) and summary.json.
 
+Interrupted? Run the same command again with --resume: a finished teacher (teacher/model.pt)
+is reused, an interrupted teacher or student continues from its last.pt (the same final
+weights as an uninterrupted run), the filter keeps the rows it had written.
+
 Examples:
   python recipes/pseudo_chexpert.py                                 # demo data, ratio 0.5
   python recipes/pseudo_chexpert.py --epochs 4 --set data.size=64 --set data.labelled_fraction=0.25
   python recipes/pseudo_chexpert.py --teacher runs/f0/model.pt --nih --ratio 1.0
+  python recipes/pseudo_chexpert.py --epochs 4 --resume                # after an interruption
   python recipes/pseudo_chexpert.py --preset full --siim-dir /data/siim \\
       --chexpert-dir /data/chexpert --set data.lung_crop=runs/lung/lung.pt --fold 0
 """
@@ -63,7 +68,7 @@ from typing import Any
 import pandas as pd
 
 from external_data import chexpert, nih
-from ssl_ptx.cli import add_config_arguments, add_run_arguments, resolve_config
+from ssl_ptx.cli import LAST_NAME, add_config_arguments, add_run_arguments, resolve_config
 from ssl_ptx.config import (
     ConfigError,
     TrainConfig,
@@ -164,6 +169,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="record pixels with probability in [LOW, HIGH) of kept images as ignored",
     )
     add_run_arguments(parser, epochs_help="student epochs (trainer.epochs)")
+    parser.add_argument(
+        "--resume",
+        dest="resume_run",  # not ssl_ptx.cli's --resume LAST_PT: this one takes no file
+        action="store_true",
+        help="continue an interrupted run of the same command in --out: reuse a finished "
+        "teacher, continue the teacher or student from its last.pt",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -173,8 +185,18 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return resolve_config(args, PSEUDO_PRESETS, FLAG_KEYS)[0]
 
 
-def _fit(config: TrainConfig, train_loader: Any, val_loader: Any, context: Any) -> Trainer:
-    """Train one model of ``config`` and export its best weights to OUT/model.pt."""
+def _resume_point(config: TrainConfig, resume: bool) -> Path | None:
+    """``OUT/last.pt`` of ``config`` when resuming and it exists, else None (a fresh fit)."""
+    last = Path(config.out_dir) / LAST_NAME
+    return last if resume and last.exists() else None
+
+
+def _fit(
+    config: TrainConfig, train_loader: Any, val_loader: Any, context: Any, resume: bool
+) -> Trainer:
+    """Train one model of ``config`` (continuing from its last.pt with ``resume``); its best
+    weights are then exported by the caller."""
+    seed_everything(config.trainer.seed)  # the same initial weights whatever ran before
     ema = build_ema_callback(config.ema, default_top_k=config.trainer.top_k)
     trainer = Trainer(
         create_model(config_to_dict(config.model)),
@@ -186,12 +208,16 @@ def _fit(config: TrainConfig, train_loader: Any, val_loader: Any, context: Any) 
     )
     if context.is_main:
         save_config(config, Path(config.out_dir) / "config.yaml")
-    trainer.fit(train_loader, val_loader)
+    trainer.fit(train_loader, val_loader, resume=_resume_point(config, resume))
     return trainer
 
 
-def train_teacher(config: TrainConfig, context: Any, progress: bool) -> Path:
-    """Train the supervised teacher in OUT/teacher; returns its exported weights."""
+def train_teacher(config: TrainConfig, context: Any, progress: bool, resume: bool) -> Path:
+    """Train the supervised teacher in OUT/teacher; returns its exported weights (with
+    ``resume``, a finished teacher's model.pt is returned as it is)."""
+    exported = Path(config.out_dir) / EXPORT_NAME
+    if resume and exported.exists():
+        return exported
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
@@ -208,8 +234,8 @@ def train_teacher(config: TrainConfig, context: Any, progress: bool) -> Path:
     val_loader = build_val_loader(val_set, config.data, pin_memory=pin, **layout)
     if context.is_main:
         print(f"teacher: {len(train_set)} SIIM training images, {config.trainer.epochs} epochs")
-    trainer = _fit(config, train_loader, val_loader, context)
-    return export_best(trainer, Path(config.out_dir) / EXPORT_NAME).path
+    trainer = _fit(config, train_loader, val_loader, context, resume)
+    return export_best(trainer, exported).path
 
 
 def external_manifest(args: argparse.Namespace, demo_dir: str) -> pd.DataFrame:
@@ -274,7 +300,7 @@ def main(argv: list[str] | None = None) -> PseudoRun:
             trainer=dataclasses.replace(config.trainer, epochs=epochs),
             out_dir=str(out_dir / "teacher"),
         )
-        teacher = train_teacher(teacher_config, context, progress)
+        teacher = train_teacher(teacher_config, context, progress, args.resume_run)
 
     # 2. filter (rank 0; the others wait for its outputs)
     pseudo_dir = out_dir / "pseudo"
@@ -317,7 +343,7 @@ def main(argv: list[str] | None = None) -> PseudoRun:
             f"student: {len(datasets.siim)} SIIM + {len(datasets.pseudo)} pseudo images, "
             f"{train_loader.sampler!r}"
         )
-    trainer = _fit(config, train_loader, val_loader, context)
+    trainer = _fit(config, train_loader, val_loader, context, args.resume_run)
     student = export_best(trainer, out_dir / EXPORT_NAME)
 
     # 4. report, both on the student's validation fold

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -283,16 +284,18 @@ def test_recipe_help(capsys: pytest.CaptureFixture) -> None:
         assert flag in text
 
 
-def test_recipe_end_to_end_tiny(demo_root: Path, tmp_path: Path) -> None:
+def _tiny_recipe_argv(demo_root: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        "--demo-dir", str(demo_root), "--out", str(out), "--epochs", "1",
+        "--set", "data.size=32", "--set", f"data.cache_dir={cache}",
+        "--set", "data.num_workers=0", "--set", "data.batch_size=8",
+        "--set", "model.encoder_name=resnet18", "--no-progress",
+    ]  # fmt: skip
+
+
+def test_recipe_end_to_end_tiny_and_resume(demo_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    run = _recipe().main(
-        [
-            "--demo-dir", str(demo_root), "--out", str(out), "--epochs", "1",
-            "--set", "data.size=32", "--set", f"data.cache_dir={tmp_path / 'cache'}",
-            "--set", "data.num_workers=0", "--set", "data.batch_size=8",
-            "--set", "model.encoder_name=resnet18", "--no-progress",
-        ]
-    )  # fmt: skip
+    run = _recipe().main(_tiny_recipe_argv(demo_root, out, tmp_path / "cache"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["student_val_dice"] == pytest.approx(run.student_dice)
     assert 0.0 <= run.teacher_dice <= 1.0 and 0.0 <= run.student_dice <= 1.0
@@ -300,3 +303,16 @@ def test_recipe_end_to_end_tiny(demo_root: Path, tmp_path: Path) -> None:
     assert len(pseudo) == run.audit["n_kept"] > 0
     assert set(pseudo["origin"]) == {"chexpert"}
     assert (out / "model.pt").is_file() and (out / "teacher" / "model.pt").is_file()
+
+    # killed after the filter: the student's files are gone; --resume reuses the finished
+    # teacher and trains a student equal to the uninterrupted one
+    teacher_written = (out / "teacher" / "model.pt").stat().st_mtime_ns
+    student = torch.load(out / "model.pt", weights_only=True)["model"]
+    for name in ("last.pt", "model.pt", "metrics.csv"):
+        (out / name).unlink()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    _recipe().main([*_tiny_recipe_argv(demo_root, out, tmp_path / "cache"), "--resume"])
+    assert (out / "teacher" / "model.pt").stat().st_mtime_ns == teacher_written
+    resumed = torch.load(out / "model.pt", weights_only=True)["model"]
+    assert resumed.keys() == student.keys()
+    assert all(torch.equal(resumed[k], student[k]) for k in student)
