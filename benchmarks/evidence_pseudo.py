@@ -12,10 +12,16 @@ and the training seed):
 3. both pseudo-positive sets are scored against the truth: precision (share of kept
    positives that truly show a pneumothorax) and competition Dice of the pseudo masks.
 
-Final validation Dice of student and teacher are reported as mean ± std over seeds, with the
-filter's throughput. Writes ``OUT/evidence_pseudo.json`` and ``.md``.
+Validation Dice of student and teacher at their LAST epoch (no checkpoint selection on the
+reported fold) are reported as mean ± std over seeds, with the filter's throughput. With
+``--teachers`` the teachers are not trained here but taken from another run per seed — e.g.
+the supervised arm of ``benchmarks/evidence_mean_teacher.py``, so both studies share one
+supervised baseline. A finished seed (its ``evidence_seed.json``) is reused when rerun.
+Writes ``OUT/evidence_pseudo.json`` and ``.md``.
 
     python benchmarks/evidence_pseudo.py --seeds 0 1 2 --epochs 6 --size 64
+    python benchmarks/evidence_pseudo.py --size 96 --batch-size 8 --epochs 35 \
+        --teachers 'outputs/evidence_mean_teacher/supervised-seed{seed}/last.pt'
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import pandas as pd
 from external_data import chexpert
 from ssl_ptx.data import rle
 from ssl_ptx.data.images import read_image
+from ssl_ptx.engine.logging import read_metrics_csv
 from ssl_ptx.fileio import atomic_write_bytes
 from ssl_ptx.inference import Predictor
 from ssl_ptx.metrics import dice_per_image
@@ -94,16 +101,29 @@ def score_positives(manifest: pd.DataFrame, truth: pd.DataFrame, demo: Path) -> 
     }
 
 
+def last_epoch_dice(run_dir: Path) -> dict[str, float]:
+    """Validation Dice of the trained model and of its EMA at the last epoch of a run."""
+    last = read_metrics_csv(run_dir / "metrics.csv")[-1]
+    return {"model": last["val_dice"], "ema": last.get("ema_val_dice", float("nan"))}
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     out = args.out / f"seed{seed}"
+    record = out / "evidence_seed.json"
+    if record.exists():
+        return json.loads(record.read_text())
     started = time.perf_counter()
     common = [
         "--demo-dir", str(args.demo_dir), "--out", str(out), "--epochs", str(args.epochs),
         "--ratio", str(args.ratio), "--no-progress",
         "--set", f"data.size={args.size}", "--set", f"data.labelled_fraction={args.labelled}",
         "--set", f"data.labelled_seed={seed}", "--set", f"trainer.seed={seed}",
-        "--set", f"data.cache_dir={args.out / 'cache'}",
+        "--set", f"data.cache_dir={args.out / 'cache'}", "--set", "data.num_workers=0",
     ]  # fmt: skip
+    if args.batch_size:
+        common += ["--set", f"data.batch_size={args.batch_size}"]
+    if args.teachers:
+        common += ["--teacher", args.teachers.format(seed=seed)]
     run = load_recipe().main(common)
     truth = pd.read_csv(args.demo_dir / "_truth" / "labels.csv")
     truth = truth[truth["dataset"] == "chexpert"]
@@ -113,10 +133,14 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     every = PseudoLabelFilter(
         predictor, [KeepEveryPositive(), *published_rules()[1:]], progress=False
     ).run(pool, out / "pseudo_every")
-    return {
+    teacher_dir = Path(args.teachers.format(seed=seed)).parent if args.teachers else out / "teacher"
+    result = {
         "seed": seed,
-        "teacher_val_dice": run.teacher_dice,
-        "student_val_dice": run.student_dice,
+        "teacher_val_dice": last_epoch_dice(teacher_dir)["model"],
+        "teacher_ema_val_dice": last_epoch_dice(teacher_dir)["ema"],
+        "student_val_dice": last_epoch_dice(out)["model"],
+        "student_ema_val_dice": last_epoch_dice(out)["ema"],
+        "student_exported_val_dice": run.student_dice,
         "student_source": run.student.source,
         "filter_images_per_second": run.images_per_second,
         "agreement": score_positives(agreement, truth, args.demo_dir),
@@ -124,6 +148,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         "kept_negatives": run.audit["n_kept_negative"],
         "seconds": time.perf_counter() - started,
     }
+    atomic_write_bytes(record, json.dumps(result, indent=2).encode())
+    return result
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -135,8 +161,11 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = {
-        "teacher_val_dice (supervised)": lambda r: r["teacher_val_dice"],
-        "student_val_dice (SIIM + pseudo)": lambda r: r["student_val_dice"],
+        "teacher val Dice (supervised), last epoch": lambda r: r["teacher_val_dice"],
+        "student val Dice (SIIM + pseudo), last epoch": lambda r: r["student_val_dice"],
+        "teacher's EMA val Dice, last epoch": lambda r: r["teacher_ema_val_dice"],
+        "student's EMA val Dice, last epoch": lambda r: r["student_ema_val_dice"],
+        "student − teacher (paired)": lambda r: r["student_val_dice"] - r["teacher_val_dice"],
         "agreement precision": lambda r: r["agreement"]["precision"],
         "agreement pseudo-mask Dice": lambda r: r["agreement"]["dice"],
         "agreement kept positives": lambda r: r["agreement"]["n"],
@@ -173,6 +202,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="training side in pixels")
     parser.add_argument("--labelled", type=float, default=0.25, help="SIIM labels kept")
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, help="SIIM images per step (the preset's)")
+    parser.add_argument(
+        "--teachers",
+        help="teacher checkpoint per seed, with {seed} (default: train one per seed)",
+    )
     return parser.parse_args(argv)
 
 
