@@ -23,7 +23,7 @@ Presets (--preset):
         at 96² for 35 epochs, with 25 % of the SIIM training masks kept; the other SIIM
         training images and the demo NIH images unlabelled; 8 labelled + 4 unlabelled images
         per step; teacher decay 0.95 with the Mean Teacher warm-up; consistency weight 30
-        ramped up over 3 epochs: minutes on 2 CPU cores (the setting of
+        ramped up over 20 epochs: minutes on 2 CPU cores (the setting of
         benchmarks/evidence_mean_teacher.py; --labelled-fraction 1 uses every SIIM mask).
   full  the 5th place's schedule: 1024², 16 labelled + 4 unlabelled NIH images per step, Adam
         3e-4 (weight decay 1e-4) constant, gradient clipping at 10, 50 % positive sampling, 6
