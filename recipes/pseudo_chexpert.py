@@ -11,9 +11,11 @@ Four steps:
               its mask; every label-0 image is an empty-mask negative; uncertain and blank
               labels are dropped. Extensions: --agree-negatives keeps a label-0 image only when
               the teacher agrees; --band LOW HIGH records pixels to ignore (see
-              docs/pseudo_labels.md). Outputs in OUT/pseudo/ (pseudo_manifest.csv, masks.h5,
-              decisions.csv, skipped.csv, audit.json, area_histogram.png, gallery.png); an
-              interrupted filter resumes when rerun, with or without --resume;
+              docs/pseudo_labels.md); --soft keeps the teacher's probability maps as soft
+              targets (10th place; with --set loss.name=soft_bce). Outputs in OUT/pseudo/
+              (pseudo_manifest.csv, masks.h5, decisions.csv, skipped.csv, audit.json,
+              area_histogram.png, gallery.png); an interrupted filter resumes when rerun,
+              with or without --resume;
   3. student  a new UNet-CBAM with symmetric Lovasz and an EMA of the weights trains on the
               SIIM training fold plus, each epoch, a fresh draw of pseudo images: --ratio
               pseudo positives per SIIM positive (default 0.5) and pseudo negatives at SIIM's
@@ -168,6 +170,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="record pixels with probability in [LOW, HIGH) of kept images as ignored",
     )
+    parser.add_argument(
+        "--soft",
+        action="store_true",
+        help="keep the teacher's probability maps as soft targets (10th place); train the "
+        "student with --set loss.name=soft_bce",
+    )
     add_run_arguments(parser, epochs_help="student epochs (trainer.epochs)")
     parser.add_argument(
         "--resume",
@@ -267,6 +275,7 @@ def run_filter(
         predictor,
         published_rules(args.threshold, args.min_area, agree_on_negatives=args.agree_negatives),
         band=ConfidenceBand(*args.band) if args.band else None,
+        soft=args.soft,
         batch_size=config.data.val_batch_size or config.data.batch_size,
         progress=not args.no_progress,
     )
