@@ -50,9 +50,12 @@ def read_csv_text(
 
     Raises:
         FileNotFoundError: ``csv_path`` does not exist.
-        ValueError: the file cannot be parsed as CSV, or lacks some of ``columns`` (the
-            message names the file and the missing columns).
+        ValueError: the file cannot be parsed as CSV, ``names`` repeats a name, or the file
+            lacks some of ``columns`` (the message names the file and the columns).
     """
+    repeated = sorted({name for name in names or () if list(names).count(name) > 1})
+    if repeated:
+        raise ValueError(f"{csv_path}, line 1: the header repeats the column name(s) {repeated}")
     try:
         table = pd.read_csv(
             csv_path,

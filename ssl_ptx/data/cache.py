@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from ssl_ptx.data import rle
 from ssl_ptx.data.images import read_image, resize_image, resize_mask
-from ssl_ptx.data.manifest import MANIFEST_COLUMNS, validate_manifest
+from ssl_ptx.data.manifest import MANIFEST_COLUMNS, read_manifest_csv, validate_manifest
 from ssl_ptx.fileio import atomic_path
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "open_cache",
     "read_sample",
     "store_lung_boxes",
+    "write_skipped_csv",
 ]
 
 logger = logging.getLogger(__name__)
@@ -330,8 +331,10 @@ def _merge_parts(
     return n, skipped
 
 
-def _write_skipped_csv(csv_path: Path, skipped: Sequence[SkippedImage]) -> None:
-    """Write the skipped rows (image_id, path, error), or remove a stale list when none."""
+def write_skipped_csv(csv_path: str | Path, skipped: Sequence[SkippedImage]) -> None:
+    """Write the skipped rows (image_id, path, error) to ``csv_path`` atomically, or remove a
+    stale list there when ``skipped`` is empty."""
+    csv_path = Path(csv_path)
     if not skipped:
         csv_path.unlink(missing_ok=True)
         return
@@ -407,7 +410,7 @@ def build_cache(
 
     tmp_path = out_path.with_name(out_path.name + ".tmp")
     n_written, skipped = _merge_parts(part_paths, manifest, tmp_path, size, fingerprint)
-    _write_skipped_csv(out_path.with_name(out_path.name + ".skipped.csv"), skipped)
+    write_skipped_csv(out_path.with_name(out_path.name + ".skipped.csv"), skipped)
     os.replace(tmp_path, out_path)
     shutil.rmtree(parts_dir)
     return CacheReport(
@@ -715,12 +718,6 @@ def open_cache(path: str | Path) -> CacheReader:
     return CacheReader(path)
 
 
-def _read_manifest_csv(path: Path) -> pd.DataFrame:
-    """A manifest saved with ``DataFrame.to_csv``, text columns kept as text."""
-    text_columns = {name: str for name, dtype in MANIFEST_COLUMNS.items() if dtype == "object"}
-    return validate_manifest(pd.read_csv(path, dtype=text_columns), name=str(path))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: build a cache from a manifest CSV; returns the exit status (2 on a bad
     manifest, an existing output without ``--overwrite``, or foreign parts)."""
@@ -738,7 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = build_cache(
-            _read_manifest_csv(args.manifest),
+            read_manifest_csv(args.manifest),
             args.out,
             size=args.size,
             chunk=args.chunk,

@@ -22,10 +22,13 @@ Columns
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-__all__ = ["MANIFEST_COLUMNS", "empty_manifest", "validate_manifest"]
+__all__ = ["MANIFEST_COLUMNS", "empty_manifest", "read_manifest_csv", "validate_manifest"]
 
 MANIFEST_COLUMNS: dict[str, str] = {
     "image_id": "object",
@@ -80,3 +83,51 @@ def validate_manifest(df: pd.DataFrame, name: str = "manifest") -> pd.DataFrame:
         raise ValueError(f"{name}: label {labels[row]!r} at row {row} is not 1, 0, -1 or NaN")
     rest = [c for c in df.columns if c not in MANIFEST_COLUMNS]
     return df[list(MANIFEST_COLUMNS) + rest]
+
+
+def read_manifest_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a manifest saved with ``DataFrame.to_csv(index=False)``, checking every cell's type.
+
+    Text columns stay text (an id such as ``00012`` keeps its zeros); ``label`` must be a number
+    or blank (NaN); ``fold``, ``height``, ``width`` and ``mask_area`` must be integers.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        The validated manifest (see :func:`validate_manifest`) with the dtypes of
+        :data:`MANIFEST_COLUMNS`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: naming the file (and the 0-based data row): it cannot be parsed as CSV
+            (empty, binary, ragged rows), a column is missing, a numeric cell is not a number
+            (or not an integer), or :func:`validate_manifest` refuses it.
+    """
+    path = Path(path)
+    text_columns = {name: str for name, dtype in MANIFEST_COLUMNS.items() if dtype == "object"}
+    try:
+        table = pd.read_csv(path, dtype=text_columns)
+    except FileNotFoundError:
+        raise
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"{path}: cannot be read as a CSV file: {error}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; has {list(table.columns)}")
+    for column, dtype in MANIFEST_COLUMNS.items():
+        if dtype == "object":
+            continue
+        values = pd.to_numeric(table[column], errors="coerce").astype(np.float64)
+        bad = values.isna().to_numpy() & table[column].notna().to_numpy()
+        if dtype == "int64":
+            numbers = values.to_numpy()
+            bad |= ~np.isfinite(numbers) | (np.trunc(numbers) != numbers)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            kind = "an integer" if dtype == "int64" else "a number"
+            raise ValueError(
+                f"{path}, row {row}: {column} {table[column].iat[row]!r} is not {kind}"
+            )
+        table[column] = values.astype(dtype)
+    return validate_manifest(table, name=str(path))

@@ -17,6 +17,7 @@ All functions are vectorised numpy; none loops over pixels or runs in Python.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,6 +25,10 @@ import numpy as np
 __all__ = ["EMPTY", "area", "decode", "decode_union", "encode"]
 
 EMPTY = "-1"
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_0", "٣"
+_ONLY_INTEGERS = re.compile(r"[0-9+\-\s]*")
+#: the largest image :func:`area` accepts (2**40 pixels), so that sums of runs fit in int64
+_MAX_PIXELS = 2**40
 
 
 def encode(mask: np.ndarray) -> str:
@@ -81,18 +86,17 @@ def _runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     if not text:
         raise ValueError("RLE is an empty string (an empty mask is written '-1')")
-    parts = text.split()
-    try:
-        tokens = np.array(parts).astype(np.int64)
-    except (ValueError, OverflowError):
-        bad = next(p for p in parts if not p.lstrip("+-").isdigit())
-        raise ValueError(f"RLE token {bad!r} is not an integer") from None
+    tokens = _tokens(text)
     if tokens.size % 2:
         raise ValueError(
             f"RLE has an odd number of tokens ({tokens.size}); expected start/length pairs"
         )
     if (tokens < 0).any():
         raise ValueError(f"RLE has a negative number ({int(tokens[tokens < 0][0])})")
+    if tokens.max() > n_pixels:  # which also keeps the sums below inside int64
+        raise ValueError(
+            f"RLE number {int(tokens.max())} is larger than the image's {n_pixels} pixels"
+        )
     gaps, lengths = tokens[0::2], tokens[1::2]
     if (lengths == 0).any():
         raise ValueError(f"RLE run {int(np.flatnonzero(lengths == 0)[0])} has length 0")
@@ -103,6 +107,20 @@ def _runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
             f"RLE runs end at pixel {int(ends[-1])}, past the image's {n_pixels} pixels"
         )
     return starts, ends
+
+
+def _tokens(text: str) -> np.ndarray:
+    """The whitespace-separated integers of ``text`` as int64 (ValueError naming a bad one)."""
+    parts = text.split()
+    if _ONLY_INTEGERS.fullmatch(text):
+        try:
+            return np.array(parts).astype(np.int64)
+        except (ValueError, OverflowError):
+            pass  # a malformed sign ("+-1") or a number beyond int64
+    bad = next((part for part in parts if not _INTEGER.fullmatch(part)), None)
+    if bad is not None:
+        raise ValueError(f"RLE token {bad!r} is not an integer")
+    raise ValueError(f"RLE number {max(parts, key=len)!r} is too large")
 
 
 def _runs_to_mask(starts: np.ndarray, ends: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -172,5 +190,5 @@ def area(rle: str) -> int:
     Overlapping instances must be merged first (``encode(decode_union(...))``) for this to be
     the area of their union.
     """
-    starts, ends = _runs(rle, np.iinfo(np.int64).max)
+    starts, ends = _runs(rle, _MAX_PIXELS)
     return int((ends - starts).sum())
