@@ -32,11 +32,29 @@ outputs/demo_supervised/.complete: $(DEMO_ROOT)/.complete
 	$(BIN)/python recipes/train_supervised.py --demo-dir $(DEMO_ROOT) --out outputs/demo_supervised
 	touch $@
 
-demo: $(DEMO_ROOT)/.complete outputs/demo_supervised/.complete
+# Mean Teacher: 25 % of the SIIM masks + the rest of SIIM and NIH unlabelled (the demo preset)
+outputs/demo_mean_teacher/.complete: $(DEMO_ROOT)/.complete
+	$(BIN)/python recipes/mean_teacher_nih.py --demo-dir $(DEMO_ROOT) --out outputs/demo_mean_teacher \
+		--no-progress
+	touch $@
+
+# pseudo labels: the supervised demo model is the teacher; CheXpert filtered; student at ratio 0.5
+# (24 epochs: in 16, as many as its teacher had, the student did not find the lesions in time)
+outputs/demo_pseudo_chexpert/.complete: outputs/demo_supervised/.complete
+	$(BIN)/python recipes/pseudo_chexpert.py --demo-dir $(DEMO_ROOT) --out outputs/demo_pseudo_chexpert \
+		--teacher outputs/demo_supervised/last.pt --ratio 0.5 --epochs 24 --no-progress
+	touch $@
+
+DEMO_RUNS := outputs/demo_supervised/.complete outputs/demo_mean_teacher/.complete \
+	outputs/demo_pseudo_chexpert/.complete
+
+demo: $(DEMO_ROOT)/.complete $(DEMO_RUNS)
 	$(BIN)/python recipes/prepare_data.py --siim-dir $(DEMO_ROOT)/siim --out $(DEMO_OUT) --size $(DEMO_SIZE)
 	$(BIN)/python recipes/predict.py outputs/demo_supervised/checkpoints --weights 0.5 0.3 0.2 \
 		--tune-on-val --out outputs/demo_predict --no-progress
 	@echo "supervised demo model: outputs/demo_supervised (metrics.csv, curves.png, checkpoints/)"
+	@echo "Mean Teacher (25 % labels): outputs/demo_mean_teacher (metrics.csv, curves.png, model.pt)"
+	@echo "pseudo labels: outputs/demo_pseudo_chexpert (pseudo/gallery.png, summary.json, model.pt)"
 	@echo "predictions: outputs/demo_predict (submission.csv, probabilities.h5, rule.json, overlays/)"
 
 test: $(STAMP)

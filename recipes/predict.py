@@ -10,19 +10,30 @@ probabilities are averaged (--weights, one per member in order); a folder stands
 files, best first by the validation metric stored in each, so "RUN/checkpoints --weights 0.5
 0.3 0.2" is the 3rd place's top-3 weighting; "A.pt,B.pt" (joined by a comma) is one model whose
 WEIGHTS are the mean of A's and B's (checkpoints of one run). Horizontal-flip TTA is on
-unless --no-tta. --lung-crop LUNG.pt crops every image to the lung box predicted by a lung
-model (lung_segmenter.pt of recipes/train_lung_segmenter.py, with its crop settings) before
-segmenting and pastes the maps back.
+unless --no-tta; --tta NAME... chooses the augmentations (hflip, rot<deg>, scale<s>, clahe:
+e.g. --tta hflip rot-10 rot10 scale1.1; see ssl_ptx.tta). --lung-crop LUNG.pt crops every
+image to the lung box predicted by a lung model (lung_segmenter.pt of
+recipes/train_lung_segmenter.py, with its crop settings) before segmenting and pastes the maps
+back.
 
 Post-processing: --rule RULE.json (written by an earlier run or ssl_ptx.postprocess.save_rule),
 or --tune-on-val: search the 1st place's triplet (top threshold, min area above it, bottom
 threshold; with a presence head also the 4th place's presence gate) on the run's validation
 fold, maximising the competition Dice; default: probability > 0.5 (the 3rd place).
 
+Gating (--gate): an image is empty when an image-level score is below a threshold, tuned with
+the triplet by --tune-on-val (or stored in the --rule file): "classifier" (the probability of
+the image classifiers given with --classifier CLASSIFIER.pt..., from
+recipes/train_classifier.py), "max_pixel" (the 8th place's score: each model's largest pixel
+probability, averaged over the ensemble), "presence" (the models' presence heads; the default
+when they have one), or "none".
+
 Outputs in --out: submission.csv (one row per image, -1 when empty), probabilities.h5 (the
 maps, uint8 by default; ssl_ptx.inference.ProbabilityStore.open reads it), rule.json (the rule
-used; keep it beside the checkpoints), overlays/<image_id>.png for --overlays images with the
-predicted mask outlined, and contact_sheet.png of the same images.
+used; keep it beside the checkpoints), skipped.csv (image_id, path, error of the images that
+could not be read; they are left out of everything else, and the run goes on),
+overlays/<image_id>.png for --overlays images with the predicted mask outlined, and
+contact_sheet.png of the same images.
 
 Examples:
   python recipes/predict.py outputs/demo_supervised/checkpoints --weights 0.5 0.3 0.2 --tune-on-val
@@ -42,6 +53,7 @@ import pandas as pd
 import torch
 
 from ssl_ptx.data import rle
+from ssl_ptx.data.cache import write_skipped_csv
 from ssl_ptx.data.images import read_image
 from ssl_ptx.engine import CheckpointError, load_checkpoint
 from ssl_ptx.engine.callbacks import monitor_mode
@@ -54,6 +66,7 @@ from ssl_ptx.inference import (
 from ssl_ptx.lung_crop import LungCropper
 from ssl_ptx.metrics import dice_breakdown, dice_per_image
 from ssl_ptx.postprocess import (
+    GATE_GRID,
     TRIPLET_GRID,
     MaskRule,
     PresenceGate,
@@ -82,7 +95,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--weights", type=float, nargs="+", help="ensemble weight per CHECKPOINT (default equal)"
     )
-    parser.add_argument("--no-tta", action="store_true", help="no horizontal-flip TTA")
+    parser.add_argument("--no-tta", action="store_true", help="no TTA (overrides --tta)")
+    parser.add_argument(
+        "--tta",
+        nargs="+",
+        default=["hflip"],
+        metavar="NAME",
+        help="TTA views: hflip, rot<deg>, scale<s>, clahe (default: hflip)",
+    )
+    parser.add_argument(
+        "--classifier",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="CLASSIFIER_PT",
+        help="image classifiers (recipes/train_classifier.py) for --gate classifier",
+    )
+    parser.add_argument(
+        "--gate",
+        choices=["none", "classifier", "max_pixel", "presence"],
+        help="image-level score that can empty an image (default: presence heads if any)",
+    )
     parser.add_argument("--lung-crop", type=Path, metavar="LUNG_PT", help="lung model checkpoint")
     parser.add_argument(
         "--dicom-dir", type=Path, help="predict these DICOMs (default: the run's validation fold)"
@@ -159,19 +192,21 @@ def tune(
     store: ProbabilityStore,
     manifest: pd.DataFrame,
     progress: bool,
+    gate_grid: list[float] | None = PRESENCE_GRID,
 ) -> MaskRule:
-    """Triplet (and presence gate) tuned on the maps of ``manifest``'s images."""
-    ids = manifest["image_id"].tolist()
-    if any(image_id not in store for image_id in ids):
+    """Triplet (and, with ``gate_grid`` and image scores in the store, the gate's threshold)
+    tuned on the maps of ``manifest``'s images."""
+    if any(image_id not in store for image_id in manifest["image_id"]):
         store = predictor.predict(manifest)
+    ids = [image_id for image_id in manifest["image_id"] if image_id in store]  # readable ones
     truths = truth_masks(manifest)
     presence = store.presences(ids)
     rule: MaskRule = TripletThreshold()
     grid = dict(TRIPLET_GRID)
-    if not np.isnan(presence).any():
+    if gate_grid is not None and not np.isnan(presence).any():
         rule = PresenceGate(rule)
         grid = {f"rule.{name}": values for name, values in grid.items()}
-        grid["threshold"] = PRESENCE_GRID
+        grid["threshold"] = gate_grid
     result = tune_rule(
         rule,
         grid,
@@ -242,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor.from_checkpoints(
             entries,
             weights=args.weights,
-            tta=() if args.no_tta else ("hflip",),
+            tta=() if args.no_tta else tuple(args.tta),
             lung_cropper=cropper,
+            classifier_checkpoints=args.classifier,
+            gate=None if args.gate in (None, "none") else args.gate,
             device=device,
             batch_size=args.batch_size,
             progress=progress,
@@ -266,9 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     with ProbabilityStore(store_path, dtype=args.store_dtype) as writing:
         predictor.predict(target, writing, num_workers=args.workers)
     store = ProbabilityStore.open(store_path)
+    write_skipped_csv(args.out / "skipped.csv", predictor.skipped)
+    if predictor.skipped:
+        print(f"skipped {len(predictor.skipped)} unreadable image(s): see {args.out}/skipped.csv")
+        target = target[target["image_id"].isin(store.image_ids)]
+        if args.dicom_dir is None:
+            validation = target
 
     if args.tune_on_val:
-        rule = tune(predictor, store, validation, progress)
+        gate_grid = {"none": None, "classifier": GATE_GRID, "max_pixel": GATE_GRID}
+        rule = tune(predictor, store, validation, progress, gate_grid.get(args.gate, PRESENCE_GRID))
         if args.dicom_dir is None:
             print("note: tuned and scored on the same images, so the tuned Dice is optimistic")
     save_rule(rule, args.out / "rule.json")

@@ -82,7 +82,7 @@ from ssl_ptx.engine import CheckpointError, Trainer, init_distributed, seed_ever
 from ssl_ptx.engine.data import build_siim_datasets, ensure_demo_root
 from ssl_ptx.engine.distributed import barrier, destroy_distributed
 from ssl_ptx.engine.ema_callback import ExportedModel, build_ema_callback, export_best
-from ssl_ptx.engine.loaders import build_train_loader, build_val_loader
+from ssl_ptx.engine.loaders import build_fold_loaders, build_val_loader
 from ssl_ptx.engine.pseudo_data import build_pseudo_datasets, build_pseudo_train_loader
 from ssl_ptx.fileio import atomic_write_bytes
 from ssl_ptx.inference import Predictor, load_model
@@ -229,17 +229,14 @@ def train_teacher(config: TrainConfig, context: Any, progress: bool, resume: boo
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    layout = {"world_size": context.world_size, "rank": context.rank}
-    pin = context.device.type == "cuda"
-    train_loader = build_train_loader(
+    train_loader, val_loader = build_fold_loaders(
         train_set,
+        val_set,
         config.data,
         epochs=config.trainer.epochs,
         seed=config.trainer.seed,
-        pin_memory=pin,
-        **layout,
+        context=context,
     )
-    val_loader = build_val_loader(val_set, config.data, pin_memory=pin, **layout)
     if context.is_main:
         print(f"teacher: {len(train_set)} SIIM training images, {config.trainer.epochs} epochs")
     trainer = _fit(config, train_loader, val_loader, context, resume)

@@ -68,7 +68,7 @@ from ssl_ptx.engine import (
     seed_everything,
 )
 from ssl_ptx.engine.distributed import destroy_distributed
-from ssl_ptx.engine.loaders import build_train_loader, build_val_loader
+from ssl_ptx.engine.loaders import build_fold_loaders
 from ssl_ptx.engine.lung_data import LungEvaluation, build_lung_datasets, evaluate_lung_segmenter
 from ssl_ptx.fileio import atomic_path
 from ssl_ptx.losses import build_loss
@@ -191,17 +191,14 @@ def main(argv: list[str] | None = None) -> Path | None:
     train_set, val_set, manifest = build_lung_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    layout = {"world_size": context.world_size, "rank": context.rank}
-    pin = context.device.type == "cuda"
-    train_loader = build_train_loader(
+    train_loader, val_loader = build_fold_loaders(
         train_set,
+        val_set,
         config.data,
         epochs=config.trainer.epochs,
         seed=config.trainer.seed,
-        pin_memory=pin,
-        **layout,
+        context=context,
     )
-    val_loader = build_val_loader(val_set, config.data, pin_memory=pin, **layout)
     model = create_model(config_to_dict(config.model))
     trainer = Trainer(
         model,

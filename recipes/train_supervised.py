@@ -27,6 +27,15 @@ trainer.lr=3e-4 --set model.encoder_name=resnet34), then --config FILE.yaml (the
 nesting), then the preset. The resolved config is written to OUT/config.yaml; a wrong key or
 value stops with a message naming it.
 
+Staged training: a --config file with a list "stages" (each a mapping of dotted keys to
+values, applied over the stage before, e.g. {data.size: 1024, trainer.lr: 1.0e-5}) runs the
+stages one after another in OUT/stage-<k>/, each from the best weights of the stage before
+(fresh optimiser and schedule); OUT/last.pt records the finished stages, so --resume skips them
+and continues an interrupted stage. A stage's own keys win over --set and flags such as
+--epochs. Examples: recipes/configs/demo_stages.yaml, first_place_stages.yaml,
+tenth_place_stages.yaml. Other architectures: --set model.arch=fpn|deeplabv3plus|unetplusplus|
+unet; --set model.freeze_bn=all freezes BatchNorm (the 4th place).
+
 Outputs in --out: config.yaml, last.pt (full state, with the EMA's; --resume continues from
 it), checkpoints/best-epochNNN.pt (top-k model weights by validation Dice; with an EMA also
 checkpoints/ema_best-epochNNN.pt), metrics.csv (one row per epoch), curves.png (loss,
@@ -39,6 +48,7 @@ Examples:
   python recipes/train_supervised.py --preset full --siim-dir /data/siim --fold 0 --out runs/f0
   torchrun --nproc_per_node=4 recipes/train_supervised.py --preset full --siim-dir /data/siim
   python recipes/train_supervised.py --resume outputs/demo_supervised/last.pt --epochs 20
+  python recipes/train_supervised.py --config recipes/configs/demo_stages.yaml --out runs/staged
 """
 
 from __future__ import annotations
@@ -66,12 +76,14 @@ from ssl_ptx.engine import (
     Trainer,
     init_distributed,
     load_checkpoint,
+    load_weights,
     seed_everything,
 )
 from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.distributed import destroy_distributed
 from ssl_ptx.engine.ema_callback import build_ema_callback
-from ssl_ptx.engine.loaders import build_train_loader, build_val_loader
+from ssl_ptx.engine.loaders import build_fold_loaders
+from ssl_ptx.engine.stages import run_stages, stage_configs
 from ssl_ptx.losses import build_loss
 from ssl_ptx.models import create_model
 
@@ -127,31 +139,28 @@ def _unprefixed(metrics: dict, prefix: str = "ema_") -> dict:
     return {key[len(prefix) :]: value for key, value in metrics.items() if key.startswith(prefix)}
 
 
-def main(argv: list[str] | None = None) -> FitResult:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config, resume = build_config(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+def fit_run(
+    config: TrainConfig, init_weights: Path | None = None, resume: Path | None = None
+) -> FitResult:
+    """Train one run (or one stage) of ``config``: from ``init_weights`` (a checkpoint's model
+    weights) when given, continuing ``resume`` (a ``last.pt``) when given."""
     context = init_distributed(config.trainer.device)
     seed_everything(config.trainer.seed)
     progress = config.trainer.progress and context.is_main
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    layout = {"world_size": context.world_size, "rank": context.rank}
-    pin = context.device.type == "cuda"
-    train_loader = build_train_loader(
+    train_loader, val_loader = build_fold_loaders(
         train_set,
+        val_set,
         config.data,
         epochs=config.trainer.epochs,
         seed=config.trainer.seed,
-        pin_memory=pin,
-        **layout,
+        context=context,
     )
-    val_loader = build_val_loader(val_set, config.data, pin_memory=pin, **layout)
     model = create_model(config_to_dict(config.model))
+    if init_weights is not None:
+        load_weights(model, init_weights)
     ema = build_ema_callback(config.ema, default_top_k=config.trainer.top_k)
     trainer = Trainer(
         model,
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> FitResult:
     if context.is_main:
         save_config(config, Path(config.out_dir) / "config.yaml")
         print(
-            f"training {config.model.encoder_name} UNet-CBAM at {config.data.size}² on "
+            f"training {config.model.encoder_name} {config.model.arch} at {config.data.size}² on "
             f"{len(train_set)} images, validating on {len(val_set)} (fold {config.data.fold}), "
             f"{context.world_size} process(es) on {trainer.device}"
         )
@@ -180,6 +189,23 @@ def main(argv: list[str] | None = None) -> FitResult:
             if ema.top_k is not None and ema.top_k.best_path is not None:
                 print(f"best EMA weights: {ema.top_k.best_path}")
         print(f"outputs: {config.out_dir} (config.yaml, last.pt, metrics.csv, curves.png)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> FitResult:
+    """Train as the command line says; a staged config returns its last stage's result."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config, resume = build_config(args)
+        if config.stages:
+            stage_configs(config)  # every stage's keys checked before training starts
+    except (ConfigError, CheckpointError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if config.stages:
+        result = run_stages(config, fit_run, resume=resume is not None)[-1]
+    else:
+        result = fit_run(config, resume=resume)
     destroy_distributed()
     return result
 

@@ -80,7 +80,9 @@ class ModelConfig:
     """The network; ``create_model(config_to_dict(model_config))`` builds it.
 
     Attributes:
-        arch: registered architecture name.
+        arch: registered architecture name: "unet_cbam", "fpn", "deeplabv3plus",
+            "unetplusplus" or "unet" (``ssl_ptx.models.list_models()``). The UNet-CBAM keys
+            below that another arch does not take are ignored (with a warning when changed).
         encoder_name: smp encoder name or a timm encoder as ``"tu-<name>"``.
         encoder_weights: pretrained encoder weights (e.g. ``"imagenet"``), None = random init.
         in_channels: image channels fed to the network (the grey image is repeated).
@@ -90,6 +92,11 @@ class ModelConfig:
         hypercolumn: concatenate upsampled decoder outputs before the segmentation head.
         decoder_channels: output channels of the five decoder blocks, deepest first.
         decoder_interpolation: upsampling mode of the decoder blocks.
+        freeze_bn: BatchNorm layers normalise with fixed running statistics during training:
+            "none", "stats" (statistics fixed, affine parameters trained) or "all" (both
+            fixed: the 4th place).
+        options: arch-specific arguments, e.g. ``{decoder_pyramid_channels: 128}`` for "fpn"
+            or ``{encoder_output_stride: 8}`` for "deeplabv3plus" (``ssl_ptx.models.smp_archs``).
     """
 
     arch: str = "unet_cbam"
@@ -102,6 +109,8 @@ class ModelConfig:
     hypercolumn: bool = False
     decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
     decoder_interpolation: str = "bilinear"
+    freeze_bn: Literal["none", "stats", "all"] = "none"
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _require(
@@ -361,7 +370,13 @@ class EMAConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole supervised run: the five sections and the output folder."""
+    """A whole supervised run: the five sections and the output folder.
+
+    ``stages``: consecutive runs, each a mapping of dotted keys to values applied over the
+    stage before (``[{data.size: 512}, {data.size: 1024, trainer.lr: 1.0e-5}]``), each from
+    the best weights of the one before, in ``out_dir/stage-<k>``; empty = one run. See
+    ``ssl_ptx.engine.stages``.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -369,6 +384,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     out_dir: str = "outputs/supervised"
+    stages: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -6,12 +6,21 @@
   top-1/2/3 checkpoints of a fold at 0.5 / 0.3 / 0.2; equal weights by default);
 * **checkpoint averaging** — a member given as a list of checkpoints of one run is one model
   whose weights are the mean of theirs (:func:`average_checkpoints`);
-* **TTA** — each member also sees the horizontally flipped image; its prediction is flipped
-  back and averaged with the plain one (probabilities, not logits);
+* **TTA** — each member also sees augmented views of the image (:mod:`ssl_ptx.tta`: the
+  horizontal flip by default; rotations, zooms, CLAHE); each view's prediction is taken back
+  to the image's frame and the views are averaged (probabilities, not logits), each pixel
+  over the views that saw it;
 * **lung crop** — with a :class:`~ssl_ptx.lung_crop.LungCropper`, each image is cropped to its
   lung box, segmented at the model's size and pasted back (0 outside the box);
 * **presence heads** — models returning ``(mask_logits, presence_logits)`` also give an
-  image-level probability, averaged like the maps over the members that have a head.
+  image-level probability, averaged like the maps over the members that have a head;
+* **gating** — ``gate=`` chooses the image-level score reported as ``presence``: the presence
+  heads' (``"presence"``), an image classifier's probability (``"classifier"``, models of
+  :mod:`ssl_ptx.classifier` given as ``classifiers=``), or the 8th place's score, the maximum
+  pixel probability of each member averaged over the ensemble (``"max_pixel"``). With
+  ``gate_threshold`` an image whose score is below it gets an all-zero map; without one the
+  score is kept (in the :class:`ProbabilityStore`) for
+  :class:`~ssl_ptx.postprocess.PresenceGate` and its tuner.
 
 Two ways to call it:
 
@@ -33,6 +42,7 @@ its input side is ``config["data"]["size"]``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +59,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ssl_ptx.data.images import read_image, resize_image
+from ssl_ptx import classifier as _classifier  # noqa: F401  (registers its model arch)
+from ssl_ptx.data.cache import SkippedImage
+from ssl_ptx.data.images import ImageReadError, read_image, resize_image
 from ssl_ptx.data.siim import find_dicoms, load_siim
 from ssl_ptx.engine.checkpoint import CheckpointError, load_checkpoint
 from ssl_ptx.engine.trainer import resolve_amp_dtype, split_outputs
@@ -57,9 +69,10 @@ from ssl_ptx.fileio import atomic_path
 from ssl_ptx.lung_crop import LungCropper, crop, paste
 from ssl_ptx.models import create_model
 from ssl_ptx.postprocess import quantise
+from ssl_ptx.tta import TestTimeAugmentation, parse_tta
 
 __all__ = [
-    "TTA_TRANSFORMS",
+    "GATES",
     "ImagePrediction",
     "Prediction",
     "Predictor",
@@ -72,11 +85,9 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-#: TTA name → (transform of the input, inverse applied to the prediction); both act on the
-#: last (width) axis, so they serve ``[B, C, H, W]`` images and ``[B, H, W]`` maps alike.
-TTA_TRANSFORMS: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] = {
-    "hflip": (lambda x: x.flip(-1), lambda x: x.flip(-1)),
-}
+logger = logging.getLogger(__name__)
+#: the image-level scores a Predictor can gate on (``gate=``)
+GATES = ("classifier", "max_pixel", "presence")
 _STORE_DTYPES = {"uint8": np.uint8, "float16": np.float16}
 _STORE_VERSION = 1
 
@@ -86,9 +97,11 @@ class Prediction:
     """Output of :meth:`Predictor.predict_batch`, on the CPU.
 
     Attributes:
-        masks: float32 ``[B, H, W]`` pneumothorax probabilities.
-        presence: float32 ``[B]`` image-level probabilities when a member has a presence
-            head, else None.
+        masks: float32 ``[B, H, W]`` pneumothorax probabilities (all zero for images the
+            gate emptied).
+        presence: float32 ``[B]`` image-level scores: the gate's (classifier probability,
+            max-pixel score or presence head), or without a gate the presence heads' when a
+            member has one; else None.
     """
 
     masks: Tensor
@@ -102,7 +115,7 @@ class ImagePrediction:
     Attributes:
         image_id: the image's id.
         probability: float32 ``[H, W]`` map at the image's native size (or ``output_size``).
-        presence: image-level probability, or None without presence heads.
+        presence: image-level score (see :class:`Prediction`), or None.
     """
 
     image_id: str
@@ -473,8 +486,13 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[str, np.ndarray]:
-        return self.ids[index], read_image(self.paths[index])
+    def __getitem__(self, index: int) -> tuple[str, np.ndarray | SkippedImage]:
+        """``(image_id, image)``, or ``(image_id, SkippedImage)`` when the file is unreadable."""
+        image_id, path = self.ids[index], self.paths[index]
+        try:
+            return image_id, read_image(path)
+        except (ImageReadError, FileNotFoundError) as error:
+            return image_id, SkippedImage(image_id, path, str(error))
 
 
 def _as_list(batch: list[Any]) -> list[Any]:
@@ -495,7 +513,9 @@ class Predictor:
             ``(mask_logits, presence_logits [B, 1])``. They are moved to ``device``; each call
             puts them in eval mode and restores their mode afterwards.
         weights: one non-negative weight per model (normalised to sum 1); default equal.
-        tta: names from :data:`TTA_TRANSFORMS` (``("hflip",)`` by default; ``()`` for none).
+        tta: augmentations (names of :func:`ssl_ptx.tta.parse_tta` such as ``"hflip"``,
+            ``"rot-10"``, ``"scale1.1"``, ``"clahe"``, or objects) averaged with the plain
+            view; ``("hflip",)`` by default, ``()`` for none.
         lung_cropper: crop each image to its lung box before segmenting (needs ``size``).
         size: the models' square input side in pixels; images are resized to it (and the maps
             back). None feeds images at their own size (H and W must suit the models).
@@ -504,9 +524,20 @@ class Predictor:
         amp: autocast of the forward pass: "auto" (bf16 on CUDA that supports it, none on the
             CPU), "none", "bf16" or "fp16". Probabilities are computed in float32.
         progress: show a progress bar in :meth:`predict`.
+        classifiers: image classifiers returning logits ``[B, 1]`` (see
+            :mod:`ssl_ptx.classifier`), averaged with equal weights over them and the TTA
+            views, for ``gate="classifier"``. They see the whole image (no lung crop).
+        classifier_size: the classifiers' square input side; None feeds the images at their
+            own size.
+        gate: None, or the image score to gate on: ``"classifier"``, ``"max_pixel"`` or
+            ``"presence"`` (see the module docstring).
+        gate_threshold: images whose gate score is below it get an all-zero map; None keeps
+            every map (the score is still reported, for tuning).
 
     Raises:
-        ValueError: no model, bad weights, unknown TTA names, lung crop without ``size``.
+        ValueError: no model, bad weights, unknown TTA names, lung crop without ``size``, an
+            unknown gate, a classifier gate without classifiers, or a threshold without a
+            gate or outside [0, 1].
     """
 
     def __init__(
@@ -521,6 +552,10 @@ class Predictor:
         batch_size: int = 8,
         amp: str = "auto",
         progress: bool = True,
+        classifiers: nn.Module | Sequence[nn.Module] = (),
+        classifier_size: int | None = None,
+        gate: str | None = None,
+        gate_threshold: float | None = None,
     ) -> None:
         members = [models] if isinstance(models, nn.Module) else list(models)
         if not members:
@@ -533,9 +568,9 @@ class Predictor:
                 f"weights must be {len(members)} non-negative numbers with a positive sum, "
                 f"got {weights.tolist()}"
             )
-        unknown = [name for name in tta if name not in TTA_TRANSFORMS]
-        if unknown:
-            raise ValueError(f"unknown TTA {unknown}; known: {sorted(TTA_TRANSFORMS)}")
+        augmentations = [a if isinstance(a, TestTimeAugmentation) else parse_tta(a) for a in tta]
+        judges = [classifiers] if isinstance(classifiers, nn.Module) else list(classifiers)
+        _check_gate(gate, gate_threshold, bool(judges))
         if lung_cropper is not None and size is None:
             raise ValueError("lung cropping needs size= (the side the crops are resized to)")
         if batch_size < 1:
@@ -543,13 +578,20 @@ class Predictor:
         self.device = _resolve_device(device)
         self.models = [model.to(self.device) for model in members]
         self.weights = weights / weights.sum()
-        self.tta = tuple(tta)
+        self.augmentations = augmentations
+        self.tta = tuple(augmentation.name for augmentation in augmentations)
+        self.classifiers = [model.to(self.device) for model in judges]
+        self.classifier_size = int(classifier_size) if classifier_size is not None else None
+        self.gate = gate
+        self.gate_threshold = gate_threshold
         self.lung_cropper = lung_cropper
         self.size = int(size) if size is not None else None
         self.batch_size = int(batch_size)
         self.amp_dtype = resolve_amp_dtype(amp, self.device)
         self.progress = progress
+        self.skipped: list[SkippedImage] = []
         self._channels = [_input_channels(model) for model in self.models]
+        self._classifier_channels = [_input_channels(model) for model in self.classifiers]
 
     @classmethod
     def from_checkpoints(
@@ -558,6 +600,7 @@ class Predictor:
         *,
         weights: Sequence[float] | None = None,
         size: int | None = None,
+        classifier_checkpoints: Sequence[str | os.PathLike] = (),
         **kwargs: Any,
     ) -> Predictor:
         """A predictor over Trainer checkpoints.
@@ -568,8 +611,11 @@ class Predictor:
             weights: one weight per member (e.g. 0.5, 0.3, 0.2 for a fold's top-3).
             size: the input side; default: ``config["data"]["size"]`` of the checkpoints,
                 which must then agree.
+            classifier_checkpoints: image classifiers (``recipes/train_classifier.py``) for
+                ``gate="classifier"``; their input side is read from them and must agree.
             **kwargs: the other arguments of :class:`Predictor` (``tta``, ``lung_cropper``,
-                ``device``, ``batch_size``, ``amp``, ``progress``).
+                ``device``, ``batch_size``, ``amp``, ``progress``, ``gate``,
+                ``gate_threshold``).
 
         Raises:
             CheckpointError: as :func:`load_model` / :func:`average_checkpoints`.
@@ -595,6 +641,16 @@ class Predictor:
                     f"the checkpoints were trained at different sizes {sizes}; pass size="
                 )
             size = known.pop() if known else None
+        if classifier_checkpoints:
+            judges = [load_model(path) for path in classifier_checkpoints]
+            judge_sizes = {checkpoint_input_size(info) for _, info in judges}
+            if len(judge_sizes) > 1:
+                raise ValueError(
+                    f"the classifiers were trained at different sizes {sorted(judge_sizes)}"
+                )
+            kwargs.update(
+                classifiers=[model for model, _ in judges], classifier_size=judge_sizes.pop()
+            )
         return cls(models, weights=weights, size=size, **kwargs)
 
     # ----------------------------------------------------------------------------- forward
@@ -615,14 +671,30 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def _views(self, images: Tensor) -> list[Tensor]:
+        """The plain images and one view per augmentation."""
+        return [images] + [augmentation.forward(images) for augmentation in self.augmentations]
+
+    def _merge_views(self, probabilities: Tensor) -> Tensor:
+        """Average the views' maps ``[V·B, H, W]`` in the images' frame, each pixel over the
+        views that saw it (weight maps of :mod:`ssl_ptx.tta`)."""
+        chunks = probabilities.chunk(len(self.augmentations) + 1)
+        total, weight = chunks[0].clone(), torch.ones_like(chunks[0])
+        for chunk, augmentation in zip(chunks[1:], self.augmentations, strict=True):
+            restored, seen = augmentation.inverse(chunk)
+            total += restored
+            weight = weight + (1.0 if seen is None else seen)
+        return total / weight
+
     @torch.no_grad()
-    def _forward(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _forward(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Ensemble × TTA probabilities of ``[B, C, H, W]`` images at the models' input size:
-        ``(maps [B, H', W'] float32, presence [B] or None)`` on the CPU."""
+        ``(maps [B, H', W'] float32, presence [B] or None, max_pixel [B])`` on the CPU, where
+        ``max_pixel`` is each member's largest map value averaged over the members."""
         images = images.to(self.device, torch.float32)
-        views = [images] + [TTA_TRANSFORMS[name][0](images) for name in self.tta]
-        inverses = [None] + [TTA_TRANSFORMS[name][1] for name in self.tta]
+        views = self._views(images)
         total: Tensor | None = None
+        max_pixel: Tensor | None = None
         presence_total: Tensor | None = None
         presence_weight = 0.0
         with self._eval_mode():
@@ -633,22 +705,63 @@ class Predictor:
                 with self._autocast():
                     outputs = model(batch)
                 mask_logits, presence_logits = split_outputs(outputs)
-                probabilities = torch.sigmoid(mask_logits.float()).flatten(0, -3)
-                chunks = probabilities.chunk(len(views))
-                merged = torch.stack(
-                    [
-                        chunk if undo is None else undo(chunk)
-                        for chunk, undo in zip(chunks, inverses, strict=True)
-                    ]
-                ).mean(0)
+                merged = self._merge_views(torch.sigmoid(mask_logits.float()).flatten(0, -3))
+                peak = merged.flatten(1).amax(1) * weight
                 total = merged * weight if total is None else total + merged * weight
+                max_pixel = peak if max_pixel is None else max_pixel + peak
                 if presence_logits is not None:
                     present = torch.sigmoid(presence_logits.float()).reshape(len(views), -1)
                     present = present.mean(0) * weight
                     presence_total = present if presence_total is None else presence_total + present
                     presence_weight += weight
         presence = None if presence_total is None else (presence_total / presence_weight).cpu()
-        return total.cpu(), presence
+        return total.cpu(), presence, max_pixel.cpu()
+
+    @torch.no_grad()
+    def _classify(self, images: Tensor) -> Tensor:
+        """Mean classifier probability ``[B]`` (CPU) of ``[B, C, H, W]`` images in 0..1,
+        resized to ``classifier_size``, over the classifiers and the TTA views."""
+        images = images.to(self.device, torch.float32)
+        side = self.classifier_size
+        if side is not None and tuple(images.shape[-2:]) != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
+        views = torch.cat(self._views(images))
+        total = torch.zeros(len(images), device=self.device)
+        modes = [model.training for model in self.classifiers]
+        try:
+            for model, channels in zip(self.classifiers, self._classifier_channels, strict=True):
+                model.eval()
+                with self._autocast():
+                    logits = model(_match_channels(views, channels))
+                total += torch.sigmoid(logits.float()).reshape(-1, len(images)).mean(0)
+        finally:
+            for model, mode in zip(self.classifiers, modes, strict=True):
+                model.train(mode)
+        return (total / len(self.classifiers)).cpu()
+
+    def _gated(
+        self,
+        maps: Tensor,
+        presence: Tensor | None,
+        max_pixel: Tensor,
+        classify: Callable[[], Tensor],
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(maps, score)``: the gate's image score (``presence`` without a gate) and the
+        maps with those of images scored below ``gate_threshold`` set to zero."""
+        if self.gate is None:
+            return maps, presence
+        if self.gate == "presence":
+            if presence is None:
+                raise ValueError('gate="presence" needs a model with a presence head')
+            score = presence
+        elif self.gate == "max_pixel":
+            score = max_pixel
+        else:
+            score = classify()
+        if self.gate_threshold is not None:
+            keep = (score >= self.gate_threshold).to(maps.dtype)
+            maps = maps * keep.reshape(-1, *([1] * (maps.ndim - 1)))
+        return maps, score
 
     def predict_batch(self, images: Tensor) -> Prediction:
         """Probabilities of a batch of images.
@@ -661,6 +774,7 @@ class Predictor:
             :class:`Prediction` with maps ``[B, H, W]`` at the input's size. Images are resized
             to ``size`` for the models (bilinear, antialiased) and the maps back; with a lung
             cropper each image is cropped from its 8-bit version ``round(255·x)`` (channel 0).
+            The gate, if any, has emptied the maps of images scored below ``gate_threshold``.
         """
         if images.ndim != 4:
             raise ValueError(
@@ -676,7 +790,8 @@ class Predictor:
             inputs = F.interpolate(
                 images.float(), size=(self.size, self.size), mode="bilinear", antialias=True
             )
-        maps, presence = self._forward(inputs)
+        maps, presence, max_pixel = self._forward(inputs)
+        maps, presence = self._gated(maps, presence, max_pixel, lambda: self._classify(images))
         if maps.shape[-2:] != (height, width):
             maps = F.interpolate(
                 maps[:, None], size=(height, width), mode="bilinear", antialias=True
@@ -702,7 +817,10 @@ class Predictor:
                 "a size= to resize them to"
             )
         tensor = torch.from_numpy(np.stack(inputs)).float().div_(255.0).unsqueeze(1)
-        maps, presence = self._forward(tensor)
+        maps, presence, max_pixel = self._forward(tensor)
+        maps, presence = self._gated(
+            maps, presence, max_pixel, lambda: self._classify_arrays(images)
+        )
         maps_np = maps.numpy()
         if boxes is not None:
             outputs = [
@@ -714,6 +832,17 @@ class Predictor:
                 resize_image(m, image.shape) for m, image in zip(maps_np, images, strict=True)
             ]
         return outputs, presence
+
+    def _classify_arrays(self, images: Sequence[np.ndarray]) -> Tensor:
+        """:meth:`_classify` of uint8 H×W images (resized to ``classifier_size`` first)."""
+        if self.classifier_size is not None:
+            images = [resize_image(image, self.classifier_size) for image in images]
+        if len({image.shape for image in images}) > 1:
+            raise ValueError(
+                "images of different sizes in one batch: the classifiers need a "
+                "classifier_size= to resize them to"
+            )
+        return self._classify(torch.from_numpy(np.stack(images)).float().div_(255.0)[:, None])
 
     # ----------------------------------------------------------------------------- sources
 
@@ -736,8 +865,13 @@ class Predictor:
             num_workers: DataLoader processes that read the files.
 
         Yields:
-            :class:`ImagePrediction` per image, in the source's order.
+            :class:`ImagePrediction` per image, in the source's order. A file of a manifest or
+            folder that cannot be read (:class:`~ssl_ptx.data.images.ImageReadError`, missing)
+            yields nothing: it is logged and listed in :attr:`skipped`
+            (:class:`~ssl_ptx.data.cache.SkippedImage`, reset by each call), and the run
+            goes on.
         """
+        self.skipped = []
         if isinstance(source, (str, os.PathLike)):
             source = manifest_from_dicom_folder(source)
         if isinstance(source, pd.DataFrame):
@@ -755,8 +889,12 @@ class Predictor:
         with bar:
             for batch in loader:
                 if isinstance(batch, list):
-                    ids = [image_id for image_id, _ in batch]
-                    maps, presence = self._predict_arrays([image for _, image in batch])
+                    readable = self._readable(batch)
+                    bar.update(len(batch) - len(readable))
+                    if not readable:
+                        continue
+                    ids = [image_id for image_id, _ in readable]
+                    maps, presence = self._predict_arrays([image for _, image in readable])
                 else:
                     ids = list(batch["image_id"])
                     prediction = self.predict_batch(batch["image"])
@@ -770,6 +908,19 @@ class Predictor:
                         presence=None if presence is None else float(presence[index]),
                     )
                 bar.update(len(ids))
+
+    def _readable(
+        self, batch: list[tuple[str, np.ndarray | SkippedImage]]
+    ) -> list[tuple[str, np.ndarray]]:
+        """The images of a batch of files that could be read; the others go to ``skipped``."""
+        readable = []
+        for image_id, image in batch:
+            if isinstance(image, SkippedImage):
+                logger.warning("skipped image %s: %s", image_id, image.error)
+                self.skipped.append(image)
+            else:
+                readable.append((image_id, image))
+        return readable
 
     def predict(
         self,
@@ -790,10 +941,30 @@ class Predictor:
 
     def __repr__(self) -> str:
         crop_text = ", lung crop" if self.lung_cropper is not None else ""
+        gate_text = ""
+        if self.gate is not None:
+            gate_text = f", gate={self.gate}"
+            if self.gate == "classifier":
+                gate_text += f" ({len(self.classifiers)} classifier(s))"
+            if self.gate_threshold is not None:
+                gate_text += f" >= {self.gate_threshold:g}"
         return (
             f"Predictor({len(self.models)} model(s), weights={np.round(self.weights, 3).tolist()}, "
-            f"tta={list(self.tta)}, size={self.size}{crop_text}, device={self.device})"
+            f"tta={list(self.tta)}, size={self.size}{crop_text}{gate_text}, device={self.device})"
         )
+
+
+def _check_gate(gate: str | None, threshold: float | None, has_classifiers: bool) -> None:
+    """Validate the gate arguments of :class:`Predictor`."""
+    if gate is not None and gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; known: {list(GATES)} or None")
+    if gate == "classifier" and not has_classifiers:
+        raise ValueError('gate="classifier" needs classifiers= (or classifier_checkpoints=)')
+    if threshold is not None:
+        if gate is None:
+            raise ValueError("gate_threshold needs a gate (classifier, max_pixel or presence)")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"gate_threshold must be in [0, 1], got {threshold}")
 
 
 def _match_channels(images: Tensor, channels: int | None) -> Tensor:

@@ -1,5 +1,6 @@
-"""Losses for binary segmentation logits: Lovasz hinge (plain and symmetric), BCE, soft Dice,
-focal, a BCE for the image-level presence head, weighted sums, and a by-name builder.
+"""Losses for binary segmentation logits: Lovasz hinge (plain and symmetric), BCE, weighted
+BCE, soft Dice, focal, a BCE for the image-level presence head, weighted sums (with the 1st,
+4th and 5th places' mixes), and a by-name builder.
 
 Conventions shared by every loss here:
 
@@ -39,16 +40,20 @@ __all__ = [
     "FocalLoss",
     "LovaszHingeLoss",
     "PresenceBCELoss",
+    "SoftBCELoss",
     "SoftDiceLoss",
     "SymmetricLovaszLoss",
+    "WeightedBCELoss",
     "bce",
     "build_loss",
     "focal",
     "lovasz_hinge",
     "presence_bce",
     "presence_targets",
+    "soft_bce",
     "soft_dice_loss",
     "symmetric_lovasz",
+    "weighted_bce",
 ]
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
@@ -264,6 +269,54 @@ def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(z, y)
 
 
+def weighted_bce(
+    logits: torch.Tensor, targets: torch.Tensor, pos_frac: float = 0.1, neg_frac: float = 4.9
+) -> torch.Tensor:
+    """BCE with separate weights for foreground and background pixels (the 8th place's form).
+
+    With ℓ the per-pixel BCE and sums over every pixel of the batch:
+    pos_frac·Σ_{y=1} ℓ / N_pos + neg_frac·Σ_{y=0} ℓ / N_neg, where N_pos and N_neg count the
+    batch's foreground and background pixels (targets thresholded at 0.5). Each class is
+    averaged on its own, so the weights — not the pixel counts — set the balance (8th place:
+    0.1 and 4.9, or 0.1 and 7.9).
+
+    Empty masks (N_pos = 0): the foreground term is 0 and the loss is neg_frac · mean ℓ; an
+    all-ones batch likewise gives pos_frac · mean ℓ.
+    """
+    if pos_frac < 0 or neg_frac < 0:
+        raise ValueError(f"pos_frac and neg_frac must be >= 0, got {pos_frac} and {neg_frac}")
+    z, y = _flatten_pairs(logits, targets)
+    cross_entropy = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    positive = y > 0.5
+    n_positive = positive.sum()
+    n_negative = positive.numel() - n_positive
+    positive_sum = torch.where(positive, cross_entropy, 0).sum()
+    negative_sum = torch.where(positive, 0, cross_entropy).sum()
+    return pos_frac * positive_sum / n_positive.clamp_min(1) + neg_frac * negative_sum / (
+        n_negative.clamp_min(1)
+    )
+
+
+def soft_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE against soft targets q in [0, 1] (probability maps: the 10th place's soft pseudo
+    labels) minus the targets' own entropy, mean over all pixels of the batch.
+
+    Per pixel, with p = sigmoid(z): −q·log p − (1 − q)·log(1 − p) − H(q) = KL(q ‖ p), where
+    H(q) = −q·log q − (1 − q)·log(1 − q) (0·log 0 = 0). The gradient is BCE's, p − q; the
+    value is 0 when p = q, so a batch of soft targets reads like a batch of hard ones. For 0/1
+    targets it equals :func:`bce`; empty masks give log(1 + e^z) per pixel.
+
+    Raises:
+        ValueError: a target outside [0, 1].
+    """
+    z, q = _flatten_pairs(logits, targets)
+    if bool((q < 0).any()) or bool((q > 1).any()):
+        raise ValueError("soft_bce targets must be probabilities in [0, 1]")
+    cross_entropy = F.binary_cross_entropy_with_logits(z, q, reduction="none")
+    entropy = -(torch.special.xlogy(q, q) + torch.special.xlogy(1 - q, 1 - q))
+    return (cross_entropy - entropy).mean()
+
+
 def soft_dice_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -376,6 +429,24 @@ class BinaryCrossEntropyLoss(nn.Module):
         return bce(_mask_logits(outputs), targets)
 
 
+class WeightedBCELoss(nn.Module):
+    """Module form of :func:`weighted_bce`."""
+
+    def __init__(self, pos_frac: float = 0.1, neg_frac: float = 4.9) -> None:
+        super().__init__()
+        self.pos_frac, self.neg_frac = pos_frac, neg_frac
+
+    def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
+        return weighted_bce(_mask_logits(outputs), targets, self.pos_frac, self.neg_frac)
+
+
+class SoftBCELoss(nn.Module):
+    """Module form of :func:`soft_bce`."""
+
+    def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
+        return soft_bce(_mask_logits(outputs), targets)
+
+
 class SoftDiceLoss(nn.Module):
     """Module form of :func:`soft_dice_loss`."""
 
@@ -422,8 +493,19 @@ LOSSES: dict[str, type[nn.Module]] = {
     "dice": SoftDiceLoss,
     "focal": FocalLoss,
     "presence_bce": PresenceBCELoss,
+    "weighted_bce": WeightedBCELoss,
+    "soft_bce": SoftBCELoss,
 }
-_COMBOS: dict[str, dict[str, float]] = {"bce_dice": {"bce": 1.0, "dice": 1.0}}
+_BATCH_DICE = {"per_image": False}  # the 1st and 4th places' Dice: one Dice over the batch
+_COMBOS: dict[str, dict[str, float | dict[str, Any]]] = {
+    "bce_dice": {"bce": 1.0, "dice": 1.0},
+    # 1st place (sneddy): 3·BCE + 1·batch Dice + 4·focal (γ = 2)
+    "bce_dice_focal": {"bce": 3.0, "dice": {"weight": 1.0, **_BATCH_DICE}, "focal": 4.0},
+    # 4th place (amirassov): 0.9·(3·BCE + batch Dice) + 0.1·presence BCE
+    "bce_dice_cls": {"bce": 2.7, "dice": {"weight": 0.9, **_BATCH_DICE}, "presence_bce": 0.1},
+    # 5th place (earhian): 1024·BCE (mean over pixels) + presence BCE
+    "bce_cls": {"bce": 1024.0, "presence_bce": 1.0},
+}
 
 
 def _build_term(name: str, spec: float | Mapping[str, Any]) -> tuple[nn.Module, float]:
@@ -476,7 +558,11 @@ def build_loss(name_or_config: str | Mapping[str, float | Mapping[str, Any]]) ->
 
     Args:
         name_or_config: one of ``"symmetric_lovasz"``, ``"lovasz"``, ``"bce"``, ``"dice"``,
-            ``"focal"``, ``"presence_bce"``, ``"bce_dice"`` (BCE + Dice, weights 1 and 1), or a
+            ``"focal"``, ``"presence_bce"``, ``"weighted_bce"`` (8th place), ``"soft_bce"``
+            (soft targets), ``"bce_dice"`` (BCE + Dice, weights 1 and 1), ``"bce_dice_focal"``
+            (1st place: 3·BCE + 1·batch Dice + 4·focal), ``"bce_dice_cls"`` (4th place:
+            2.7·BCE + 0.9·batch Dice + 0.1·presence BCE), ``"bce_cls"`` (5th place: 1024·BCE +
+            presence BCE), or a
             :class:`ComboLoss` mapping such as ``{"symmetric_lovasz": 1, "presence_bce": 0.1}``.
 
     Raises:

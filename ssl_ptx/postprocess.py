@@ -9,7 +9,10 @@ A rule is a small frozen object with parameters, called as ``rule(prob, presence
     p > ``top``; a positive image's mask is p > ``bottom``, any other image's is empty.
 ``PresenceGate(rule, threshold)``
     the 4th place's gate: ``rule``'s mask where the presence-head probability is at least
-    ``threshold``, an empty mask elsewhere.
+    ``threshold``, an empty mask elsewhere. Any image-level score gates the same way: an
+    image classifier's probability (9th, 10th place) or the maximum pixel probability (8th
+    place) — what :class:`ssl_ptx.inference.Predictor` reports as ``presence`` with
+    ``gate="classifier"`` / ``"max_pixel"``; :data:`GATE_GRID` is a grid for its threshold.
 ``RemoveSmallComponents(rule, min_area)``
     ``rule``'s mask without its 8-connected components smaller than ``min_area``.
 
@@ -53,6 +56,7 @@ from tqdm.auto import tqdm
 from ssl_ptx.fileio import atomic_write_bytes
 
 __all__ = [
+    "GATE_GRID",
     "TRIPLET_GRID",
     "MaskRule",
     "PresenceGate",
@@ -78,6 +82,10 @@ TRIPLET_GRID: dict[str, list[float]] = {
     "min_area": [a / 1024**2 for a in (0, 250, 500, 1000, 2000, 4000)],
     "bottom": [0.2, 0.3, 0.4, 0.5],
 }
+
+
+#: a default grid for the ``threshold`` of :class:`PresenceGate` over any image score in [0, 1]
+GATE_GRID: list[float] = [round(0.05 * k, 2) for k in range(1, 20)]
 
 
 def threshold_code(threshold: float) -> int:

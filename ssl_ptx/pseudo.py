@@ -18,6 +18,12 @@ swappable pieces:
 * :class:`ConfidenceBand` (extension): pixels of a kept image whose probability lies in
   ``[low, high)`` are marked to be ignored by the loss (an ``ignore_rle`` column and an
   ``ignore`` mask) instead of being called background.
+* ``soft=True`` (the 10th place's soft pseudo labels): a kept image whose map the rule looked
+  at also keeps that map, quantised to ``uint8`` ``round(255·p)`` at native size, as its
+  training target; the manifest marks those rows (``soft`` True, ``soft_masks`` the
+  ``masks.h5`` holding them) and :func:`ssl_ptx.engine.pseudo_data.build_pseudo_datasets`
+  serves them as float targets (train with ``loss.name=soft_bce``). The binary mask and
+  label stay as without ``soft``.
 * :class:`PseudoLabelFilter` runs a :class:`~ssl_ptx.inference.Predictor` (a model or an
   ensemble, with flip TTA and lung crop when configured) over an external manifest
   (``external_data.chexpert`` frontal images, ``external_data.nih``) in batches with a
@@ -29,10 +35,12 @@ swappable pieces:
                                 ``label`` the pseudo label, ``rle`` the pseudo mask at the
                                 image's native size (``-1`` for negatives), ``mask_area``;
                                 extra ``origin`` (chexpert, nih…), ``origin_label``,
-                                ``pred_area`` (pixels at the working size), ``ignore_rle``
+                                ``pred_area`` (pixels at the working size), ``ignore_rle``,
+                                ``soft`` (a soft map is stored), ``soft_masks``
   ``decisions.csv``             every input row: decision (kept / dropped), reason, areas
   ``masks.h5``                  the kept masks at native size (``masks/<n>`` bit-packed
-                                rows, ``image_ids``, ``shapes``; ``ignore/<n>`` with a band)
+                                rows, ``image_ids``, ``shapes``; ``ignore/<n>`` with a band;
+                                ``soft/<n>`` uint8 probability maps with ``soft``)
   ``skipped.csv``               images that could not be read: ``image_id, path, error``
   ``audit.json``                counts per source × label × decision and per reason
   ``area_histogram.png``        predicted lesion areas of label-1 images, kept and dropped
@@ -71,6 +79,7 @@ from ssl_ptx.data.images import read_image, resize_image, resize_mask
 from ssl_ptx.data.manifest import MANIFEST_COLUMNS, validate_manifest
 from ssl_ptx.fileio import atomic_path, atomic_write_bytes
 from ssl_ptx.inference import Predictor
+from ssl_ptx.postprocess import quantise
 from ssl_ptx.viz import contact_sheet, write_png
 
 __all__ = [
@@ -82,6 +91,7 @@ __all__ = [
     "PositiveAgreementRule",
     "PseudoLabelFilter",
     "PseudoRule",
+    "SoftMaps",
     "published_rules",
     "read_pseudo_masks",
     "scaled_min_area",
@@ -291,6 +301,7 @@ class _Block:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # kept, non-empty, native size
     ignore: dict[int, np.ndarray] = field(default_factory=dict)  # band, native size
+    soft: dict[int, np.ndarray] = field(default_factory=dict)  # uint8 maps, native size
     dropped: dict[int, np.ndarray] = field(default_factory=dict)  # prediction, working size
     skipped: list[list[str]] = field(default_factory=list)
     predicted: int = 0
@@ -314,6 +325,8 @@ class PseudoLabelFilter:
         size: working side in pixels: images are resized to size² and the rules see maps at
             size²; default: the predictor's ``size``.
         band: a :class:`ConfidenceBand` marking pixels to ignore, or None.
+        soft: also keep the probability map of every kept image whose map the rule looked
+            at, as a soft training target (see the module docstring).
         batch_size: images per ``predict_batch`` call.
         chunk: input rows per part file (the unit of resumption).
         gallery_size: images per group (kept, dropped) in ``gallery.png``; 0 for no gallery.
@@ -330,6 +343,7 @@ class PseudoLabelFilter:
         *,
         size: int | None = None,
         band: ConfidenceBand | None = None,
+        soft: bool = False,
         batch_size: int = 16,
         chunk: int = 256,
         gallery_size: int = 12,
@@ -344,6 +358,7 @@ class PseudoLabelFilter:
         self.rules = list(rules) if rules is not None else published_rules()
         self.size = int(size)
         self.band = band
+        self.soft = bool(soft)
         self.batch_size = int(batch_size)
         self.chunk = int(chunk)
         self.gallery_size = int(gallery_size)
@@ -359,6 +374,7 @@ class PseudoLabelFilter:
             "rules": [repr(rule) for rule in self.rules],
             "size": self.size,
             "band": repr(self.band),
+            "soft": self.soft,
             "chunk": self.chunk,
             "predictor": repr(self.predictor),
         }
@@ -531,6 +547,8 @@ class PseudoLabelFilter:
             block.masks[position] = resize_mask(decision.mask, image.shape)
         if self.band is not None and probability is not None:
             block.ignore[position] = resize_mask(self.band.ignore_mask(probability), image.shape)
+        if self.soft and probability is not None:
+            block.soft[position] = quantise(resize_image(probability, image.shape))
 
     @staticmethod
     def _write_part(path: Path, block: _Block) -> None:
@@ -549,6 +567,8 @@ class PseudoLabelFilter:
                         f"{group}/{position:06d}", data=np.packbits(mask, axis=-1)
                     )
                     dataset.attrs["width"] = mask.shape[1]
+            for position, soft_map in block.soft.items():
+                part.create_dataset(f"soft/{position:06d}", data=soft_map, compression="lzf")
 
     # ------------------------------------------------------------------------------ merge
 
@@ -561,6 +581,7 @@ class PseudoLabelFilter:
         masks: dict[int, np.ndarray] = {}
         ignore: dict[int, np.ndarray] = {}
         dropped: dict[int, np.ndarray] = {}
+        soft: dict[int, np.ndarray] = {}
         for number, path in enumerate(part_paths):
             offset = number * self.chunk
             with h5py.File(path, "r") as part:
@@ -569,10 +590,14 @@ class PseudoLabelFilter:
                 for group, target in (("masks", masks), ("ignore", ignore), ("dropped", dropped)):
                     for name, dataset in part.get(group, {}).items():
                         target[offset + int(name)] = _unpack(dataset)
+                for name, dataset in part.get("soft", {}).items():
+                    soft[offset + int(name)] = dataset[()]
         decisions = pd.DataFrame(records, columns=_DECISION_COLUMNS)
         skipped_table = pd.DataFrame(skipped, columns=["image_id", "path", "error"])
-        pseudo = self._pseudo_manifest(manifest, decisions, masks, ignore)
+        masks_path = out_dir / "masks.h5"
+        pseudo = self._pseudo_manifest(manifest, decisions, masks, ignore, soft, masks_path)
         audit = self._audit(decisions, skipped_table)
+        audit["n_soft"] = len(soft)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, table in (
             ("pseudo_manifest.csv", pseudo),
@@ -581,7 +606,7 @@ class PseudoLabelFilter:
         ):
             with atomic_path(out_dir / name) as tmp:
                 table.to_csv(tmp, index=False)
-        _write_masks(out_dir / "masks.h5", manifest, masks, ignore)
+        _write_masks(masks_path, manifest, masks, ignore, soft)
         atomic_write_bytes(out_dir / "audit.json", json.dumps(audit, indent=2).encode())
         _write_area_histogram(out_dir / "area_histogram.png", decisions)
         if self.gallery_size > 0:
@@ -596,6 +621,8 @@ class PseudoLabelFilter:
         decisions: pd.DataFrame,
         masks: dict[int, np.ndarray],
         ignore: dict[int, np.ndarray],
+        soft: dict[int, np.ndarray],
+        masks_path: Path,
     ) -> pd.DataFrame:
         kept = np.flatnonzero((decisions["decision"] == "kept").to_numpy())
         rows = manifest.iloc[kept][list(MANIFEST_COLUMNS)].copy()
@@ -611,6 +638,8 @@ class PseudoLabelFilter:
         rows["mask_area"] = [int(masks[k].sum()) if k in masks else 0 for k in kept]
         rows["pred_area"] = decisions["pred_area"].to_numpy()[kept]
         rows["ignore_rle"] = [rle.encode(ignore[k]) if k in ignore else np.nan for k in kept]
+        rows["soft"] = [k in soft for k in kept]
+        rows["soft_masks"] = [str(masks_path.resolve()) if k in soft else np.nan for k in kept]
         return validate_manifest(rows.reset_index(drop=True), name="pseudo manifest")
 
     def _audit(self, decisions: pd.DataFrame, skipped: pd.DataFrame) -> dict[str, Any]:
@@ -639,12 +668,21 @@ def _unpack(dataset: h5py.Dataset) -> np.ndarray:
 
 
 def _write_masks(
-    path: Path, manifest: pd.DataFrame, masks: dict[int, np.ndarray], ignore: dict[int, np.ndarray]
+    path: Path,
+    manifest: pd.DataFrame,
+    masks: dict[int, np.ndarray],
+    ignore: dict[int, np.ndarray],
+    soft: dict[int, np.ndarray],
 ) -> None:
     """``masks/<n>`` (bit-packed rows, attrs ``image_id``, ``width``) of the kept non-empty
-    masks, ``ignore/<n>`` of the bands, and ``image_ids`` of the masks in row order."""
+    masks, ``ignore/<n>`` of the bands, ``soft/<n>`` (uint8 maps, attr ``image_id``) of the
+    soft targets, and ``image_ids`` of the masks in row order."""
     ids = manifest["image_id"].astype(str).to_numpy()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as out:
+        out.create_group("soft")
+        for row in sorted(soft):
+            dataset = out.create_dataset(f"soft/{row:08d}", data=soft[row], compression="lzf")
+            dataset.attrs["image_id"] = ids[row]
         for group, target in (("masks", masks), ("ignore", ignore)):
             out.create_group(group)
             for row in sorted(target):
@@ -662,6 +700,45 @@ def read_pseudo_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The kept non-empty masks of a ``masks.h5``: image id → uint8 H×W 0/1 at native size."""
     with h5py.File(path, "r") as file:
         return {str(d.attrs["image_id"]): _unpack(d) for d in file["masks"].values()}
+
+
+class SoftMaps:
+    """The soft pseudo labels of a ``masks.h5``: image id → uint8 H×W map ``round(255·p)`` at
+    native size, read on demand (the file is opened once per process, so the object can go
+    to DataLoader workers).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"soft pseudo labels {self.path} do not exist")
+        with h5py.File(self.path, "r") as file:
+            group = file.get("soft", {})
+            self._names = {str(d.attrs["image_id"]): name for name, d in group.items()}
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._names
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        if image_id not in self._names:
+            raise KeyError(f"{self.path} holds no soft pseudo label for image {image_id!r}")
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file["soft"][self._names[image_id]][()]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def __repr__(self) -> str:
+        return f"SoftMaps({len(self)} maps, {self.path})"
 
 
 def _write_area_histogram(path: Path, decisions: pd.DataFrame) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "ShardSampler",
     "TwoStreamLoader",
     "UnlabelledStreamSampler",
+    "build_fold_loaders",
     "build_train_loader",
     "build_two_stream_loader",
     "build_val_loader",
@@ -151,6 +152,26 @@ def build_val_loader(
         pin_memory=pin_memory,
         drop_last=False,
     )
+
+
+def build_fold_loaders(
+    train_set: Dataset,
+    val_set: Dataset,
+    config: DataConfig,
+    *,
+    epochs: int,
+    seed: int,
+    context: Any,
+) -> tuple[DataLoader, DataLoader]:
+    """The training and validation loaders of one fold for this process: rank and world size
+    from ``context`` (an :class:`~ssl_ptx.engine.distributed.DistributedContext`), pinned
+    memory on CUDA; see :func:`build_train_loader` and :func:`build_val_loader`."""
+    layout = {"world_size": context.world_size, "rank": context.rank}
+    pin = context.device.type == "cuda"
+    train_loader = build_train_loader(
+        train_set, config, epochs=epochs, seed=seed, pin_memory=pin, **layout
+    )
+    return train_loader, build_val_loader(val_set, config, pin_memory=pin, **layout)
 
 
 def loader_sampler(loader: DataLoader) -> Any:

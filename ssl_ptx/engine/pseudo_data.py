@@ -7,12 +7,17 @@ too when ``data.lung_crop`` is set) into one ``ConcatDataset``; :func:`build_pse
 draws from it with :class:`~ssl_ptx.data.mixing.RatioMixSampler`: every SIIM training image
 plus a fresh draw of pseudo images per epoch, at the data config's positive rate, sharded over
 DDP processes. The Trainer stores the sampler's state in ``last.pt`` like any other.
+
+Soft pseudo labels (rows with ``soft`` True, written by ``PseudoLabelFilter(soft=True)``) are
+served by :class:`SoftTargetDataset`: their ``mask`` is the stored probability map (float in
+[0, 1], through the same augmentation as the image) instead of the binary pseudo mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,6 +27,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from ssl_ptx.config import ConfigError, DataConfig
 from ssl_ptx.data.cache import CacheReader, manifest_fingerprint
 from ssl_ptx.data.datasets import SegmentationDataset
+from ssl_ptx.data.images import resize_image
 from ssl_ptx.data.mixing import RatioMixSampler
 from ssl_ptx.data.samplers import ConstantSchedule, LinearSchedule
 from ssl_ptx.engine.data import (
@@ -30,8 +36,16 @@ from ssl_ptx.engine.data import (
     build_siim_datasets,
     manifest_cache_path,
 )
+from ssl_ptx.lung_crop import Box, crop
+from ssl_ptx.pseudo import SoftMaps
 
-__all__ = ["PseudoDatasets", "build_pseudo_datasets", "build_pseudo_train_loader"]
+__all__ = [
+    "PseudoDatasets",
+    "SoftTargetDataset",
+    "build_pseudo_datasets",
+    "build_pseudo_train_loader",
+    "soft_maps_of",
+]
 
 
 @dataclass
@@ -51,11 +65,76 @@ class PseudoDatasets:
     val: Dataset
 
 
+class SoftTargetDataset(SegmentationDataset):
+    """A :class:`SegmentationDataset` whose images with a soft pseudo label get it as ``mask``.
+
+    For those images the stored ``uint8`` map (``round(255·p)`` at native size) is resized to
+    the image (and cut to its box with ``boxes``), augmented with the image as its mask (the
+    geometric transforms move it, nearest-neighbour), and returned as float ``[1, H, W]`` in
+    [0, 1]; ``label`` is 1 where any pixel of it is > 0.5. Other images are served as by
+    :class:`SegmentationDataset`.
+
+    Args:
+        source, transform, size, in_channels, boxes: as :class:`SegmentationDataset`.
+        soft_maps: the soft labels (:class:`~ssl_ptx.pseudo.SoftMaps`), by image id.
+    """
+
+    def __init__(
+        self, source: Any, transform: Any = None, *, soft_maps: SoftMaps, **kwargs: Any
+    ) -> None:
+        super().__init__(source, transform, **kwargs)
+        self.soft_maps = soft_maps
+        self.is_soft = np.array([image_id in soft_maps for image_id in self.image_ids], bool)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = super()._load(index)
+        if not self.is_soft[index]:
+            return image, mask
+        soft = self.soft_maps[self.image_ids[index]]
+        if self.boxes is None:
+            return image, resize_image(soft, image.shape)
+        # the box is cut from the cached image (size²) or from the native one
+        full = (self._cache.size,) * 2 if self._cache is not None else soft.shape
+        soft = resize_image(soft, full)
+        return image, crop(soft, Box.from_fractions(self.boxes[index], full), image.shape)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        if self.is_soft[index]:
+            sample["mask"] = sample["mask"] / 255.0
+            sample["label"] = (sample["mask"] > 0.5).any().float()
+        return sample
+
+
+def soft_maps_of(manifest: pd.DataFrame) -> SoftMaps | None:
+    """The soft labels of a pseudo manifest's ``soft`` rows (None when it has none).
+
+    Raises:
+        ConfigError: the soft rows name several ``soft_masks`` files, or a missing one.
+    """
+    if "soft" not in manifest.columns:
+        return None
+    rows = manifest[manifest["soft"].astype(bool)]
+    if not len(rows):
+        return None
+    paths = sorted(rows["soft_masks"].astype(str).unique())
+    if len(paths) != 1:
+        raise ConfigError(
+            f"the pseudo manifest's soft rows name {len(paths)} soft_masks files {paths}; "
+            "build one pseudo manifest per filter run"
+        )
+    try:
+        return SoftMaps(paths[0])
+    except FileNotFoundError as error:
+        raise ConfigError(f"pseudo manifest: {error}") from None
+
+
 def _pseudo_dataset(
     manifest: pd.DataFrame, config: DataConfig, in_channels: int, progress: bool
 ) -> SegmentationDataset:
     """The pseudo images with the training augmentation, cached under a name that follows the
-    masks (a new teacher's labels get a new cache), cut to lung boxes with ``lung_crop``."""
+    masks (a new teacher's labels get a new cache), cut to lung boxes with ``lung_crop``, with
+    soft targets for the rows that have them."""
     name = f"pseudo-{manifest_fingerprint(manifest)[:10]}"
     transform = _transforms(config, True)
     dataset = build_cached_dataset(
@@ -67,18 +146,26 @@ def _pseudo_dataset(
         in_channels=in_channels,
         progress=progress,
     )
-    if config.lung_crop is None:
+    soft_maps = soft_maps_of(manifest)
+    if config.lung_crop is None and soft_maps is None:
         return dataset
-    if config.cache_dir is None:
-        raise ConfigError("data.lung_crop with pseudo labels needs data.cache_dir")
-    from ssl_ptx.engine.lung_data import cache_lung_boxes  # lung_data imports engine.data
-
     side = config.cache_size or config.size
-    cache = CacheReader(manifest_cache_path(manifest, config.cache_dir, side, name))
-    boxes = cache_lung_boxes(cache, config.lung_crop, progress=progress).boxes
-    return SegmentationDataset(
-        cache, transform, in_channels=in_channels, boxes=boxes, size=config.size
-    )
+    source: pd.DataFrame | CacheReader = manifest
+    if config.cache_dir is not None:
+        source = CacheReader(manifest_cache_path(manifest, config.cache_dir, side, name))
+    options: dict[str, Any] = {"in_channels": in_channels}
+    if config.lung_crop is not None:
+        if config.cache_dir is None:
+            raise ConfigError("data.lung_crop with pseudo labels needs data.cache_dir")
+        from ssl_ptx.engine.lung_data import cache_lung_boxes  # lung_data imports engine.data
+
+        boxes = cache_lung_boxes(source, config.lung_crop, progress=progress).boxes
+        options.update(boxes=boxes, size=config.size)
+    elif config.cache_dir is None:
+        options.update(size=side)
+    if soft_maps is None:
+        return SegmentationDataset(source, transform, **options)
+    return SoftTargetDataset(source, transform, soft_maps=soft_maps, **options)
 
 
 def build_pseudo_datasets(

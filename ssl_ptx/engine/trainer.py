@@ -10,7 +10,8 @@ One :class:`Trainer` owns the model, the optimiser, the learning-rate schedule a
 * Adam / AdamW / SGD; constant or cosine schedules per optimiser step with linear warm-up, or
   reduce-on-plateau per epoch;
 * validation every epoch with the competition Dice at a probability threshold, the Dice of
-  positive images and the false-positive rate on negative images, gathered over processes;
+  positive images and the false-positive rate on negative images, gathered over processes
+  (or other per-image metrics: ``metrics=``, see :mod:`ssl_ptx.engine.validation`);
 * ``last.pt`` with the complete state, written atomically at every epoch end (and every
   ``save_every_n_steps`` optimiser steps); ``fit(resume="…/last.pt")`` continues to the same
   weights an uninterrupted run reaches (on CPU with the same seed);
@@ -81,7 +82,7 @@ from ssl_ptx.engine.logging import (
     validated_prefixes,
 )
 from ssl_ptx.engine.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
-from ssl_ptx.metrics import dice_per_image
+from ssl_ptx.engine.validation import SegmentationMetrics, ValidationMetrics
 
 __all__ = [
     "FitResult",
@@ -237,6 +238,9 @@ class Trainer:
             default: ``config``.
         default_callbacks: add the metrics CSV, the curve PNG, top-k checkpoints (when
             ``config.top_k`` > 0) and TensorBoard (per ``config.tensorboard``).
+        metrics: what validation measures; default :class:`SegmentationMetrics` at
+            ``config.threshold`` (e.g. :class:`ssl_ptx.classifier.ClassificationMetrics` for
+            an image classifier).
 
     Attributes:
         model: the plain module (validation, checkpoints, EMA updates use it).
@@ -263,8 +267,10 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         run_config: Any = None,
         default_callbacks: bool = True,
+        metrics: ValidationMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else SegmentationMetrics(config.threshold)
         self.context = init_distributed(config.device)
         self.device = self.context.device
         self.out_dir = Path(out_dir)
@@ -687,21 +693,21 @@ class Trainer:
         """Validation metrics of ``model`` (default: the plain ``model``) on ``loader`` (no
         callbacks). ``model`` is in eval mode meanwhile and gets its mode back.
 
-        Per image: prediction = probability > ``config.threshold``; competition Dice (empty
-        truth and empty prediction score 1). Per-image values are gathered from every
-        process before averaging.
+        Per-image values of ``self.metrics`` are gathered from every process before they
+        are summarised.
 
         Returns:
-            ``val_loss`` (mean per image), ``val_dice`` (competition score), ``val_dice_pos``
-            (mean Dice of images with a pneumothorax), ``val_fp_rate`` (share of empty-truth
-            images with any predicted pixel), ``val_all_empty_dice`` (the score of predicting
-            nothing: the share of empty-truth images) and ``val_images``.
+            ``val_loss`` (mean per image), ``val_images`` and the metrics of
+            ``self.metrics``; by default (:class:`SegmentationMetrics` at
+            ``config.threshold``) ``val_dice`` (competition score), ``val_dice_pos`` (mean
+            Dice of images with a pneumothorax), ``val_fp_rate`` (share of empty-truth images
+            with any predicted pixel) and ``val_all_empty_dice`` (the score of predicting
+            nothing: the share of empty-truth images).
         """
         model = self.model if model is None else model
         was_training = model.training
         model.eval()
-        cut = math.log(self.config.threshold / (1.0 - self.config.threshold))
-        dice, positive, predicted = [], [], []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.metrics.columns}
         loss_sum = 0.0
         bar = tqdm(
             loader,
@@ -713,30 +719,20 @@ class Trainer:
         )
         for batch in bar:
             batch = self.to_device(batch)
-            logits, loss = self.validation_step(batch, model)
-            prediction = logits > cut
-            truth = batch["mask"] > 0.5
-            dice.append(dice_per_image(prediction, truth))
-            positive.append(truth.flatten(1).any(1).cpu().numpy())
-            predicted.append(prediction.flatten(1).any(1).cpu().numpy())
-            loss_sum += float(loss) * len(logits)
+            outputs, loss = self.validation_step(batch, model)
+            for name, values in self.metrics.per_image(outputs, batch).items():
+                parts[name].append(values)
+            loss_sum += float(loss) * len(outputs)
         model.train(was_training)
-        dice_all = all_gather_arrays(_concat(dice, np.float64))
-        positive_all = all_gather_arrays(_concat(positive, bool))
-        predicted_all = all_gather_arrays(_concat(predicted, bool))
+        columns = {
+            name: all_gather_arrays(_concat(parts[name], dtype))
+            for name, dtype in self.metrics.columns.items()
+        }
         loss_total = float(all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64))[0])
-        n = dice_all.size
-        negative_all = ~positive_all
+        n = next(iter(columns.values())).size
         return {
             "val_loss": loss_total / n if n else math.nan,
-            "val_dice": float(dice_all.mean()) if n else math.nan,
-            "val_dice_pos": float(dice_all[positive_all].mean())
-            if positive_all.any()
-            else math.nan,
-            "val_fp_rate": float(predicted_all[negative_all].mean())
-            if negative_all.any()
-            else math.nan,
-            "val_all_empty_dice": float(negative_all.mean()) if n else math.nan,
+            **self.metrics.summarise(columns),
             "val_images": float(n),
         }
 
@@ -759,6 +755,10 @@ class Trainer:
                 f"  val_loss {m['val_loss']:.4f}  val_dice {m['val_dice']:.4f} (positive "
                 f"{m['val_dice_pos']:.4f}, FP rate {m['val_fp_rate']:.3f}; all-empty "
                 f"{m['val_all_empty_dice']:.4f})"
+            )
+        elif "val_loss" in m:  # other validation metrics (e.g. a classifier's)
+            text += "".join(
+                f"  {key} {value:.4f}" for key, value in m.items() if key.startswith("val_")
             )
         for prefix in validated_prefixes(m):
             if prefix:

@@ -1,4 +1,6 @@
-"""Segmentation models: CBAM attention, the UNet-CBAM of the 3rd place, and a name registry.
+"""Segmentation models: CBAM attention, the UNet-CBAM of the 3rd place, smp's FPN,
+DeepLabV3+, UNet++ and UNet with the same output contract, frozen BatchNorm, and a name
+registry.
 
 from ssl_ptx.models import create_model
 model = create_model("unet_cbam", encoder_name="resnet34", in_channels=1)
@@ -13,6 +15,7 @@ from ssl_ptx.models.factory import (
     register_model,
     resolve_model_config,
 )
+from ssl_ptx.models.freeze_bn import freeze_batchnorm
 from ssl_ptx.models.unet_cbam import UNetCBAM
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "SpatialGate",
     "UNetCBAM",
     "create_model",
+    "freeze_batchnorm",
     "list_models",
     "register_model",
     "resolve_model_config",
