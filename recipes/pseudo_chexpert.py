@@ -10,9 +10,10 @@ Four steps:
               1024², scaled to the working size) above --threshold, with that prediction as
               its mask; every label-0 image is an empty-mask negative; uncertain and blank
               labels are dropped. Extensions: --agree-negatives keeps a label-0 image only when
-              the teacher agrees; --band LOW HIGH records pixels to ignore (see
-              docs/pseudo_labels.md); --soft keeps the teacher's probability maps as soft
-              targets (10th place; with --set loss.name=soft_bce). Outputs in OUT/pseudo/
+              the teacher agrees; --band LOW HIGH leaves uncertain pixels out of the
+              student's loss (see docs/pseudo_labels.md); --soft keeps the teacher's
+              probability maps as soft targets (10th place; with --set loss.name=soft_bce).
+              Outputs in OUT/pseudo/
               (pseudo_manifest.csv, masks.h5, decisions.csv, skipped.csv, audit.json,
               area_histogram.png, gallery.png); an interrupted filter resumes when rerun,
               with or without --resume;
@@ -168,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        help="record pixels with probability in [LOW, HIGH) of kept images as ignored",
+        help="leave the pixels of kept images with probability in [LOW, HIGH) out of the "
+        "student's loss (recorded as ignore_rle) instead of calling them background",
     )
     parser.add_argument(
         "--soft",

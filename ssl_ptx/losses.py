@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "IGNORE_TARGET",
     "LOSSES",
     "BinaryCrossEntropyLoss",
     "ComboLoss",
@@ -57,6 +58,9 @@ __all__ = [
 ]
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
+#: mask value of a pixel the loss leaves out (a pseudo label's confidence band); losses that
+#: can leave pixels out have ``supports_ignore = True`` and take ``valid=``
+IGNORE_TARGET = 255.0
 
 
 def _flatten_pairs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -218,17 +222,40 @@ class _LovaszHinge(torch.autograd.Function):
 
 
 def _lovasz(
-    logits: torch.Tensor, targets: torch.Tensor, per_image: bool, symmetric: bool
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    per_image: bool,
+    symmetric: bool,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     z, y = _flatten_pairs(logits, targets)
     labels = y > 0.5
+    keep = None if valid is None else valid.reshape(z.shape).bool()
     if not per_image:
         z, labels = z.reshape(1, -1), labels.reshape(1, -1)
-    return _LovaszHinge.apply(z.contiguous(), labels.contiguous(), symmetric)
+        keep = None if keep is None else keep.reshape(1, -1)
+    if keep is None:
+        return _LovaszHinge.apply(z.contiguous(), labels.contiguous(), symmetric)
+    # a left-out pixel becomes a background pixel with a negative hinge error (logit −2): it
+    # drops out of the sort and of every Jaccard count, i.e. the loss of the kept pixels alone;
+    # the two halves of the symmetric loss need opposite stand-ins, so they are taken apart
+    outside = z.new_tensor(-2.0)
+    direct = _LovaszHinge.apply(
+        torch.where(keep, z, outside).contiguous(), (labels & keep).contiguous(), False
+    )
+    if not symmetric:
+        return direct
+    flipped = _LovaszHinge.apply(
+        torch.where(keep, -z, outside).contiguous(), (~labels & keep).contiguous(), False
+    )
+    return 0.5 * (direct + flipped)
 
 
 def lovasz_hinge(
-    logits: torch.Tensor, targets: torch.Tensor, per_image: bool = True
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    per_image: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Binary Lovasz hinge (ReLU hinge), equal in value and gradient to Berman's reference.
 
@@ -237,16 +264,21 @@ def lovasz_hinge(
         targets: 0/1 masks of the same pixels (thresholded at 0.5).
         per_image: mean over images of each image's loss (True), or one loss over the batch
             treated as a single image (False).
+        valid: bool mask of the pixels to score (same shape as ``targets``), or None for all:
+            the loss is then that of the kept pixels alone (a pseudo label's confidence band).
 
     Returns:
         Scalar tensor. **Empty mask** (y ≡ 0): the image's loss is relu(1 + max z), so only the
         highest logit gets a gradient. **Full mask**: mean(relu(1 − z)). NaN logits give NaN.
     """
-    return _lovasz(logits, targets, per_image, symmetric=False)
+    return _lovasz(logits, targets, per_image, symmetric=False, valid=valid)
 
 
 def symmetric_lovasz(
-    logits: torch.Tensor, targets: torch.Tensor, per_image: bool = True
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    per_image: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """½·[lovasz_hinge(z, y) + lovasz_hinge(−z, 1 − y)], the 3rd place's loss, one sort.
 
@@ -254,19 +286,26 @@ def symmetric_lovasz(
     mean(relu(1 + z))] — the second term is an ordinary hinge over every pixel that pushes
     all logits below −1, which is what makes the Lovasz loss usable on negative images.
     """
-    return _lovasz(logits, targets, per_image, symmetric=True)
+    return _lovasz(logits, targets, per_image, symmetric=True, valid=valid)
 
 
 # ------------------------------------------------------------------- pixel and image losses
 
 
-def bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy with logits, mean over all pixels of the batch.
+def bce(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy with logits, mean over all pixels of the batch (over the pixels
+    where ``valid`` is true when it is given).
 
     Empty masks: a plain per-pixel term, log(1 + e^z) per pixel.
     """
     z, y = _flatten_pairs(logits, targets)
-    return F.binary_cross_entropy_with_logits(z, y)
+    if valid is None:
+        return F.binary_cross_entropy_with_logits(z, y)
+    keep = valid.reshape(z.shape).to(z.dtype)
+    per_pixel = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+    return (per_pixel * keep).sum() / keep.sum().clamp_min(1)
 
 
 def weighted_bce(
@@ -411,22 +450,34 @@ class LovaszHingeLoss(nn.Module):
         super().__init__()
         self.per_image = per_image
 
-    def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
-        return lovasz_hinge(_mask_logits(outputs), targets, self.per_image)
+    supports_ignore = True
+
+    def forward(
+        self, outputs: Outputs, targets: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return lovasz_hinge(_mask_logits(outputs), targets, self.per_image, valid)
 
 
 class SymmetricLovaszLoss(LovaszHingeLoss):
     """Module form of :func:`symmetric_lovasz` (the 3rd place's loss)."""
 
-    def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
-        return symmetric_lovasz(_mask_logits(outputs), targets, self.per_image)
+    supports_ignore = True
+
+    def forward(
+        self, outputs: Outputs, targets: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return symmetric_lovasz(_mask_logits(outputs), targets, self.per_image, valid)
 
 
 class BinaryCrossEntropyLoss(nn.Module):
     """Module form of :func:`bce`."""
 
-    def forward(self, outputs: Outputs, targets: torch.Tensor) -> torch.Tensor:
-        return bce(_mask_logits(outputs), targets)
+    supports_ignore = True
+
+    def forward(
+        self, outputs: Outputs, targets: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return bce(_mask_logits(outputs), targets, valid)
 
 
 class WeightedBCELoss(nn.Module):

@@ -315,3 +315,70 @@ def test_build_loss_names_and_errors():
         build_loss({"focal": {"weight": 1, "gama": 2}})
     with pytest.raises(ValueError, match="at least one term"):
         build_loss({})
+
+
+# ----------------------------------------------------- pixels left out (``valid``)
+
+
+@pytest.mark.parametrize("name", ["lovasz_hinge", "symmetric_lovasz"])
+@pytest.mark.parametrize("per_image", [True, False])
+def test_lovasz_with_valid_equals_the_loss_of_the_kept_pixels(name: str, per_image: bool) -> None:
+    from ssl_ptx import losses
+
+    function = getattr(losses, name)
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 1, 8, 8, generator=generator, dtype=torch.float64)
+    targets = (torch.rand(3, 1, 8, 8, generator=generator) > 0.6).double()
+    targets[1] = 0  # an empty mask
+    valid = torch.rand(3, 1, 8, 8, generator=generator) > 0.3
+    logits.requires_grad_(True)
+    loss = function(logits, targets, per_image=per_image, valid=valid)
+    loss.backward()
+    # reference: the same loss on the kept pixels alone, image by image (or as one row)
+    kept = [(logits[i][valid[i]], targets[i][valid[i]]) for i in range(3)]
+    if per_image:
+        expected = torch.stack(
+            [function(z.view(1, 1, -1), y.view(1, 1, -1)) for z, y in kept]
+        ).mean()
+    else:
+        z = torch.cat([z for z, _ in kept])
+        y = torch.cat([y for _, y in kept])
+        expected = function(z.view(1, 1, -1), y.view(1, 1, -1), per_image=False)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=1e-12)
+    assert (logits.grad[~valid] == 0).all() and logits.grad[valid].abs().sum() > 0
+
+
+def test_bce_with_valid_is_the_mean_over_kept_pixels() -> None:
+    from ssl_ptx.losses import bce
+
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, 3.0]]]])
+    targets = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    valid = torch.tensor([[[[True, False], [True, False]]]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.0])
+    )
+    assert float(bce(logits, targets, valid)) == pytest.approx(float(expected))
+
+
+def test_trainer_leaves_ignored_pixels_out_and_refuses_losses_that_cannot(tmp_path) -> None:
+    from ssl_ptx.config import TrainerConfig
+    from ssl_ptx.engine import Trainer
+    from ssl_ptx.losses import IGNORE_TARGET, FocalLoss, SymmetricLovaszLoss
+
+    model = torch.nn.Conv2d(1, 1, 1)
+    logits = torch.randn(2, 1, 6, 6)
+    masks = (torch.rand(2, 1, 6, 6) > 0.5).float()
+    band = torch.zeros_like(masks, dtype=torch.bool)
+    band[:, :, :2] = True
+    batch = {"mask": masks.masked_fill(band, IGNORE_TARGET)}
+    config = TrainerConfig(device="cpu", progress=False)
+    trainer = Trainer(
+        model, SymmetricLovaszLoss(), config, out_dir=tmp_path, default_callbacks=False
+    )
+    loss, _ = trainer.compute_loss(logits, batch)
+    expected = symmetric_lovasz(logits, masks, valid=~band)
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss) != pytest.approx(float(symmetric_lovasz(logits, masks)), abs=1e-6)
+    refusing = Trainer(model, FocalLoss(), config, out_dir=tmp_path, default_callbacks=False)
+    with pytest.raises(ValueError, match="cannot leave pixels out"):
+        refusing.compute_loss(logits, batch)

@@ -316,3 +316,31 @@ def test_recipe_end_to_end_tiny_and_resume(demo_root: Path, tmp_path: Path) -> N
     resumed = torch.load(out / "model.pt", weights_only=True)["model"]
     assert resumed.keys() == student.keys()
     assert all(torch.equal(resumed[k], student[k]) for k in student)
+
+
+# ------------------------------------------------------- the confidence band in the loss
+
+
+def test_band_pixels_are_left_out_of_the_student_loss(pool: pd.DataFrame, tmp_path: Path) -> None:
+    from ssl_ptx.engine.pseudo_data import IgnoreBandDataset, bands_of
+    from ssl_ptx.losses import IGNORE_TARGET
+
+    predictor = Predictor(BrightIsLesion(), tta=(), device="cpu")
+    result = PseudoLabelFilter(
+        predictor,
+        published_rules(0.5, min_area=4096),
+        size=64,
+        band=ConfidenceBand(0.3, 0.7),
+        progress=False,
+        gallery_size=0,
+    ).run(pool, tmp_path)
+    bands = bands_of(result.manifest)
+    assert "img07" in bands and bands["img07"][1:] == (64, 48)
+    dataset = IgnoreBandDataset(result.manifest, None, bands=bands, size=32)
+    sample = dataset[dataset.image_ids.index("img07")]
+    mask = sample["mask"][0]
+    ignored = mask == IGNORE_TARGET
+    assert ignored.any() and (mask[~ignored] <= 1).all()
+    assert (mask == 1).any() and sample["label"] == 1.0  # the square's core stays foreground
+    plain = dataset[dataset.image_ids.index("img03")]  # a label-0 negative: no band
+    assert not (plain["mask"] == IGNORE_TARGET).any()

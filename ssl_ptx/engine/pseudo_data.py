@@ -16,6 +16,7 @@ served by :class:`SoftTargetDataset`: their ``mask`` is the stored probability m
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ssl_ptx.config import ConfigError, DataConfig
+from ssl_ptx.data import rle
 from ssl_ptx.data.cache import CacheReader, manifest_fingerprint
 from ssl_ptx.data.datasets import SegmentationDataset
-from ssl_ptx.data.images import resize_image
+from ssl_ptx.data.images import resize_image, resize_mask
 from ssl_ptx.data.mixing import RatioMixSampler
 from ssl_ptx.data.samplers import ConstantSchedule, LinearSchedule
 from ssl_ptx.engine.data import (
@@ -36,13 +38,16 @@ from ssl_ptx.engine.data import (
     build_siim_datasets,
     manifest_cache_path,
 )
-from ssl_ptx.lung_crop import Box, crop
+from ssl_ptx.losses import IGNORE_TARGET
+from ssl_ptx.lung_crop import Box, crop, crop_mask
 from ssl_ptx.pseudo import SoftMaps
 
 __all__ = [
+    "IgnoreBandDataset",
     "PseudoDatasets",
     "SoftTargetDataset",
     "build_pseudo_datasets",
+    "bands_of",
     "build_pseudo_train_loader",
     "soft_maps_of",
 ]
@@ -106,6 +111,65 @@ class SoftTargetDataset(SegmentationDataset):
         return sample
 
 
+class IgnoreBandDataset(SegmentationDataset):
+    """A :class:`SegmentationDataset` whose pseudo images with a confidence band get the band's
+    pixels marked :data:`~ssl_ptx.losses.IGNORE_TARGET` in ``mask``, so that the Trainer
+    leaves them out of the loss instead of calling them background.
+
+    The band (``ignore_rle`` of the pseudo manifest, written by ``PseudoLabelFilter(band=…)``,
+    at native size) is resized like the mask (and cut to its box with ``boxes``) and moved by
+    the same augmentation (nearest-neighbour); ``label`` says whether a foreground pixel (1)
+    remains. Other images are served as by :class:`SegmentationDataset`.
+
+    Args:
+        source, transform, size, in_channels, boxes: as :class:`SegmentationDataset`.
+        bands: image id → (band RLE, native height, native width).
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Any = None,
+        *,
+        bands: Mapping[str, tuple[str, int, int]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(source, transform, **kwargs)
+        self.bands = dict(bands)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = super()._load(index)
+        band = self.bands.get(self.image_ids[index])
+        if band is None:
+            return image, mask
+        native = rle.decode(band[0], (band[1], band[2]))
+        if self.boxes is None:
+            ignore = resize_mask(native, image.shape)
+        else:  # the box is cut from the cached image (size²) or from the native one
+            full = (self._cache.size,) * 2 if self._cache is not None else native.shape
+            box = Box.from_fractions(self.boxes[index], full)
+            ignore = crop_mask(resize_mask(native, full), box, image.shape)
+        return image, np.where(ignore > 0, np.uint8(IGNORE_TARGET), mask).astype(mask.dtype)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        if self.image_ids[index] in self.bands:
+            sample["label"] = (sample["mask"] == 1).any().float()
+        return sample
+
+
+def bands_of(manifest: pd.DataFrame) -> dict[str, tuple[str, int, int]]:
+    """Image id → (band RLE, height, width) of the pseudo manifest's rows with a non-empty
+    ``ignore_rle`` (none without that column)."""
+    if "ignore_rle" not in manifest.columns:
+        return {}
+    rows = manifest[manifest["ignore_rle"].notna() & (manifest["ignore_rle"] != "-1")]
+    return {
+        str(row.image_id): (str(row.ignore_rle), int(row.height), int(row.width))
+        for row in rows.itertuples()
+    }
+
+
 def soft_maps_of(manifest: pd.DataFrame) -> SoftMaps | None:
     """The soft labels of a pseudo manifest's ``soft`` rows (None when it has none).
 
@@ -146,8 +210,13 @@ def _pseudo_dataset(
         in_channels=in_channels,
         progress=progress,
     )
-    soft_maps = soft_maps_of(manifest)
-    if config.lung_crop is None and soft_maps is None:
+    soft_maps, bands = soft_maps_of(manifest), bands_of(manifest)
+    if soft_maps is not None and bands:
+        raise ConfigError(
+            "the pseudo manifest has both soft targets and confidence bands; a soft target "
+            "already carries the uncertainty: filter with one of soft / band"
+        )
+    if config.lung_crop is None and soft_maps is None and not bands:
         return dataset
     side = config.cache_size or config.size
     source: pd.DataFrame | CacheReader = manifest
@@ -163,9 +232,11 @@ def _pseudo_dataset(
         options.update(boxes=boxes, size=config.size)
     elif config.cache_dir is None:
         options.update(size=side)
-    if soft_maps is None:
-        return SegmentationDataset(source, transform, **options)
-    return SoftTargetDataset(source, transform, soft_maps=soft_maps, **options)
+    if soft_maps is not None:
+        return SoftTargetDataset(source, transform, soft_maps=soft_maps, **options)
+    if bands:
+        return IgnoreBandDataset(source, transform, bands=bands, **options)
+    return SegmentationDataset(source, transform, **options)
 
 
 def build_pseudo_datasets(

@@ -83,6 +83,7 @@ from ssl_ptx.engine.logging import (
 )
 from ssl_ptx.engine.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 from ssl_ptx.engine.validation import SegmentationMetrics, ValidationMetrics
+from ssl_ptx.losses import IGNORE_TARGET
 
 __all__ = [
     "FitResult",
@@ -404,7 +405,9 @@ class Trainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``loss_fn(outputs, masks)`` in float32 outside autocast, on the images whose
         ``has_mask`` is true (all of them in supervised training). ``outputs`` is what the
-        model returned: mask logits or the ``(mask_logits, presence_logits)`` tuple."""
+        model returned: mask logits or the ``(mask_logits, presence_logits)`` tuple. Mask
+        pixels equal to :data:`~ssl_ptx.losses.IGNORE_TARGET` (a pseudo label's confidence
+        band) are left out: ``loss_fn(outputs, masks, valid=...)`` with them set to 0."""
         with torch.autocast(device_type=self.device.type, enabled=False):
             parts = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
             parts = [part.float() for part in parts]
@@ -415,7 +418,17 @@ class Trainer:
                 targets = targets[has_mask]
             if not len(targets):
                 return parts[0].sum() * 0.0, {}
-            loss = self.loss_fn(parts[0] if len(parts) == 1 else tuple(parts), targets)
+            outputs = parts[0] if len(parts) == 1 else tuple(parts)
+            ignore = targets == IGNORE_TARGET
+            if not bool(ignore.any()):
+                return self.loss_fn(outputs, targets), {}
+            if not getattr(self.loss_fn, "supports_ignore", False):
+                raise ValueError(
+                    f"the batch marks pixels to leave out of the loss (a pseudo label's "
+                    f"confidence band) but {type(self.loss_fn).__name__} cannot leave pixels "
+                    "out; use symmetric_lovasz, lovasz or bce"
+                )
+            loss = self.loss_fn(outputs, targets.masked_fill(ignore, 0.0), valid=~ignore)
         return loss, {}
 
     def validation_step(
