@@ -89,16 +89,17 @@ def to_number(table: pd.DataFrame, column: str, csv_path: Path) -> pd.Series:
     """Column ``column`` of a text table as float64, NaN for blank cells.
 
     Raises:
-        ValueError: a non-blank cell is not a number; the message names the file, the line,
-            the column and the value.
+        ValueError: a non-blank cell is not a finite number (``1E400`` is infinite); the
+            message names the file, the line, the column and the value.
     """
     text = table[column]
     values = pd.to_numeric(text.where(text != "", np.nan), errors="coerce").astype(np.float64)
-    bad = values.isna().to_numpy() & (text != "").to_numpy()
+    bad = ~np.isfinite(values.to_numpy()) & (text != "").to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"{csv_path}, line {table['line'].iat[row]}: {column} {text.iat[row]!r} is not a number"
+            f"{csv_path}, line {table['line'].iat[row]}: {column} {text.iat[row]!r} is not a "
+            "finite number"
         )
     return values
 

@@ -92,7 +92,8 @@ def _recipe_args(name: str, demo_root: Path, cache_dir: Path, out_dir: Path) -> 
         str(demo_root / "nih"),
         "--labelled-fraction",
         "0.5",
-        *_sets(["unlabelled.batch_size=2", "unlabelled.nih_max_images=16"]),
+        # 2 labelled images per step: enough steps per epoch to be killed in the middle of one
+        *_sets(["data.batch_size=2", "unlabelled.batch_size=2", "unlabelled.nih_max_images=16"]),
     ]
 
 

@@ -181,7 +181,7 @@ def test_bad_values_name_the_line(tmp_path):
     lines = path.read_text().splitlines()
     lines[3] = lines[3].replace("2682", "wide")
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"line 4: OriginalImage\[Width\] 'wide' is not a number"):
+    with pytest.raises(ValueError, match=r"line 4: OriginalImage\[Width\] 'wide' is not a finite"):
         nih.read_labels(path)
     lines[3] = _entry("00000002_000.png", "", "PA")
     path.write_text("\n".join(lines) + "\n")

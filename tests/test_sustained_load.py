@@ -110,6 +110,7 @@ def test_cached_loader_reads_20000_samples_without_leaks(tmp_path: Path) -> None
     loader = build_train_loader(dataset, config, epochs=EPOCHS, seed=0)
 
     fds_before = _descriptors()
+    other_children = set(_children())  # e.g. a multiprocessing resource tracker of the suite
     samples, main_rss, worker_growth, worker_end = 0, [], [], []
     for epoch in range(EPOCHS):
         set_loader_epoch(loader, epoch)
@@ -117,7 +118,7 @@ def test_cached_loader_reads_20000_samples_without_leaks(tmp_path: Path) -> None
         for batch_index, batch in enumerate(loader):
             samples += len(batch["image"])
             if batch_index == 2 * WORKERS:  # every worker has delivered a batch
-                workers = _children()
+                workers = [pid for pid in _children() if pid not in other_children]
                 assert len(workers) == WORKERS
                 start = {pid: _rss(pid) for pid in workers}
             if batch_index == len(loader) - 1:  # the workers are still alive
@@ -127,7 +128,7 @@ def test_cached_loader_reads_20000_samples_without_leaks(tmp_path: Path) -> None
                 for pid in start:
                     handles = [t for t in _descriptors(pid) if t == cache_path]
                     assert len(handles) == 1, f"worker {pid} holds {len(handles)} cache handles"
-        assert _children() == [], f"epoch {epoch + 1}: workers outlive the epoch"
+        assert set(_children()) <= other_children, f"epoch {epoch + 1}: workers outlive it"
         main_rss.append(_rss())
     # the last batch's tensors came through shared memory: each holds a /dev/shm descriptor
     # until it is freed, which is the consumer's reference, not a leak

@@ -168,7 +168,7 @@ def _check_empty_or_positive(
         return
     empty_row = int(np.flatnonzero(contradicted)[0])
     image_id = ids.iat[empty_row]
-    rle_row = int(np.flatnonzero((ids == image_id).to_numpy() & positive)[0])
+    rle_row = int(np.flatnonzero(ids.isin([image_id]).to_numpy() & positive)[0])
     raise ValueError(
         f"{csv_path}: {image_id} is marked empty ('-1', line {lines.iat[empty_row]}) and has "
         f"an RLE (line {lines.iat[rle_row]}); an image is either empty or has instances"

@@ -26,6 +26,7 @@ __all__ = [
     "all_ranks_true",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "destroy_distributed",
     "init_distributed",
     "is_distributed",
@@ -155,6 +156,22 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     buffer = values.detach().to(_collective_device(), copy=True)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.to(values.device)
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers of ``model`` (BatchNorm statistics), in place.
+
+    DDP sends rank 0's buffers to the others at the start of each training forward, but each
+    process then updates its own copy: after the last step they differ, and a validation
+    sharded over processes would score each shard with other statistics than the ones rank 0
+    saves. A no-op in a single process."""
+    if not is_distributed():
+        return
+    device = _collective_device()
+    for buffer in model.buffers():
+        shared = buffer.detach().to(device, copy=True)
+        dist.broadcast(shared, src=0)
+        buffer.copy_(shared.to(buffer.device))
 
 
 def all_ranks_true(flag: bool) -> bool:

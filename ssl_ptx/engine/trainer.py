@@ -64,6 +64,7 @@ from ssl_ptx.engine.distributed import (
     all_ranks_true,
     all_reduce_sum,
     barrier,
+    broadcast_buffers,
     init_distributed,
     unwrap_model,
 )
@@ -718,6 +719,7 @@ class Trainer:
             nothing: the share of empty-truth images).
         """
         model = self.model if model is None else model
+        broadcast_buffers(model)  # every shard scored with the statistics rank 0 saves
         was_training = model.training
         model.eval()
         parts: dict[str, list[np.ndarray]] = {name: [] for name in self.metrics.columns}
