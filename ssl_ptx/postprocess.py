@@ -42,6 +42,7 @@ import itertools
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,7 @@ class _Plan:
 _RULES: dict[str, type[MaskRule]] = {}
 
 
-class MaskRule:
+class MaskRule(ABC):
     """Base class of the rules: ``rule(prob, presence=None) -> bool masks``.
 
     Subclasses are frozen dataclasses whose fields are the parameters (a field named ``rule``
@@ -179,11 +180,14 @@ class MaskRule:
         masks = self._apply(maps, scores)
         return masks[0] if single else masks
 
+    @abstractmethod
     def _apply(self, maps: np.ndarray, presence: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
+        """Masks ``[N, H, W]`` bool of probability maps ``[N, H, W]`` (image scores ``[N]`` or
+        None)."""
 
+    @abstractmethod
     def _plan(self) -> _Plan:
-        raise NotImplementedError
+        """What the rule does, in the terms the tuner scores (see :class:`_Plan`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable description; :func:`rule_from_dict` rebuilds the rule."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,7 @@ def _average_float_buffers(module: nn.Module, world_size: int) -> None:
         offset += buffer.numel()
 
 
-class ModelValidation(Callback):
+class ModelValidation(Callback, ABC):
     """Validate a second model each epoch and keep its best weights (see the module
     docstring). Subclasses say which model: :meth:`validated_model`.
 
@@ -147,9 +148,9 @@ class ModelValidation(Callback):
     def state_key(self) -> str:
         return f"{type(self).__qualname__}[{self.prefix}]"
 
+    @abstractmethod
     def validated_model(self, trainer: Trainer) -> nn.Module:
         """The model to validate and save."""
-        raise NotImplementedError
 
     def weights_checkpoint(self, trainer: Trainer) -> dict[str, Any]:
         """A "weights" checkpoint of the validated model (``source`` = :attr:`name`)."""
