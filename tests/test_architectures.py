@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+from test_trainer import ToySegmentation
 from torch import nn
-from torch.utils.data import Dataset
 
 from ssl_ptx.config import (
     DataConfig,
@@ -49,7 +49,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-class FixedBatch(Dataset):
+class FixedBatch(ToySegmentation):  # its __len__ / __getitem__
     """Eight 64² images: a bright disc with its mask on the first four, empty on the rest."""
 
     def __init__(self) -> None:
@@ -62,19 +62,6 @@ class FixedBatch(Dataset):
         self.images[:4, 0] += 0.5 * disc
         self.labels = (self.masks.flatten(1).amax(1) > 0).double().numpy()
         self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
-            "image": self.images[index],
-            "mask": self.masks[index],
-            "label": torch.tensor(float(self.labels[index])),
-            "has_mask": torch.tensor(True),
-            "image_id": f"img{index}",
-            "index": index,
-        }
 
 
 def _fit(model_config: ModelConfig, loss: str, out: Path, epochs: int, **trainer: Any):

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from test_trainer import ToySegmentation
 from torch import nn
-from torch.utils.data import Dataset
 
 from ssl_ptx.config import (
     ConfigError,
@@ -36,7 +36,7 @@ from ssl_ptx.losses import build_loss
 CONFIGS = Path(__file__).parents[1] / "recipes" / "configs"
 
 
-class Squares(Dataset):
+class Squares(ToySegmentation):  # its __len__ / __getitem__
     """16 images at ``size``²: a bright square with its mask on half of them, empty the rest."""
 
     def __init__(self, size: int) -> None:
@@ -49,19 +49,6 @@ class Squares(Dataset):
         self.images += 0.5 * self.masks
         self.labels = (self.masks.flatten(1).amax(1) > 0).double().numpy()
         self.transform = None
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {
-            "image": self.images[index],
-            "mask": self.masks[index],
-            "label": torch.tensor(float(self.labels[index])),
-            "has_mask": torch.tensor(True),
-            "image_id": f"sq{index}",
-            "index": index,
-        }
 
 
 class CrashAtStep(Callback):
