@@ -32,6 +32,12 @@ Presets (--preset):
         sigmoid probabilities, teacher BatchNorm refreshed on the labelled batch, 40 epochs,
         with our SE-ResNeXt50 UNet-CBAM (hypercolumn head).
 
+Pseudo labels + Mean Teacher (--pseudo DIR): the kept images of a finished pseudo-label filter
+(OUT/pseudo of recipes/pseudo_chexpert.py) join the labelled stream as in that recipe's
+student: every kept SIIM mask plus, each epoch, a fresh draw of --ratio pseudo positives per
+SIIM positive (default 0.5) and pseudo negatives at SIIM's proportion; the unlabelled stream
+is unchanged.
+
 Losses (--loss): lovasz (default: the preset's symmetric Lovasz) or bce_cls (the 5th place's
 1024·BCE + BCE of an image-level presence head, which it adds to the model; the presence
 output then also enters the consistency loss with weight mean_teacher.presence_weight).
@@ -56,6 +62,7 @@ Examples:
   torchrun --nproc_per_node=4 recipes/mean_teacher_nih.py --preset full --siim-dir /data/siim \\
       --nih-dir /data/nih --loss bce_cls
   python recipes/mean_teacher_nih.py --resume outputs/demo_mean_teacher/last.pt --epochs 20
+  python recipes/mean_teacher_nih.py --pseudo outputs/demo_pseudo_chexpert/pseudo --ratio 0.5
 """
 
 from __future__ import annotations
@@ -63,8 +70,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+from torch.utils.data import DataLoader, Dataset
 
 from external_data import nih
 from ssl_ptx.cli import (
@@ -92,8 +101,10 @@ from ssl_ptx.engine import (
 from ssl_ptx.engine.data import build_semi_datasets, ensure_demo_root, select_unlabelled
 from ssl_ptx.engine.distributed import destroy_distributed
 from ssl_ptx.engine.loaders import build_train_loader, build_two_stream_loader, build_val_loader
+from ssl_ptx.engine.pseudo_data import build_pseudo_datasets, build_pseudo_train_loader
 from ssl_ptx.losses import build_loss
 from ssl_ptx.models import create_model
+from ssl_ptx.pseudo import read_pseudo_manifest
 
 #: command-line flag → dotted config key
 FLAG_KEYS = {
@@ -105,6 +116,8 @@ FLAG_KEYS = {
     "labelled_fraction": "data.labelled_fraction",
     "fold": "data.fold",
     "lung_crop": "data.lung_crop",
+    "pseudo": "pseudo.dir",
+    "ratio": "pseudo.ratio",
     "epochs": "trainer.epochs",
     "device": "trainer.device",
     "out": "out_dir",
@@ -145,6 +158,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "unlabelled images (data.labelled_fraction)",
     )
     parser.add_argument(
+        "--pseudo",
+        metavar="DIR",
+        help="pseudo labels + Mean Teacher: mix the kept images of a finished pseudo-label "
+        "filter (OUT/pseudo of recipes/pseudo_chexpert.py) into the labelled stream (pseudo.dir)",
+    )
+    parser.add_argument(
+        "--ratio",
+        type=float,
+        help="with --pseudo: pseudo positives per SIIM positive per epoch (pseudo.ratio, "
+        "default 0.5)",
+    )
+    parser.add_argument(
         "--loss",
         choices=sorted(LOSS_OVERRIDES),
         help="lovasz: the preset's symmetric Lovasz (default); bce_cls: the 5th place's "
@@ -175,6 +200,29 @@ def read_nih(config: MeanTeacherTrainConfig) -> pd.DataFrame | None:
         max_images=unlabelled.nih_max_images,
         seed=config.data.labelled_seed,
     )
+
+
+def build_labelled_loader(
+    config: MeanTeacherTrainConfig, labelled: Dataset, progress: bool, **loader_options: Any
+) -> DataLoader:
+    """The labelled stream: the kept SIIM masks, plus the pseudo-labelled images of
+    ``pseudo.dir`` at ``pseudo.ratio`` when set."""
+    options = {"epochs": config.trainer.epochs, "seed": config.trainer.seed, **loader_options}
+    if config.pseudo.dir is None:
+        return build_train_loader(labelled, config.data, **options)
+    datasets = build_pseudo_datasets(
+        config.data,
+        read_pseudo_manifest(config.pseudo.dir),
+        in_channels=config.model.in_channels,
+        progress=progress,
+    )
+    return build_pseudo_train_loader(datasets, config.data, ratio=config.pseudo.ratio, **options)
+
+
+def _pseudo_note(config: MeanTeacherTrainConfig, labelled_loader: DataLoader) -> str:
+    if config.pseudo.dir is None:
+        return ""
+    return f" (with pseudo labels of {config.pseudo.dir}: {labelled_loader.sampler!r})"
 
 
 def _scores(metrics: dict, prefix: str) -> str:
@@ -212,17 +260,17 @@ def main(argv: list[str] | None = None) -> ExportedModel:
         ensure_demo_root(
             data.demo_dir, n_images=data.demo_images, size=data.demo_size, progress=progress
         )
-    try:
-        external = read_nih(config)
-        labelled, unlabelled, val = build_semi_datasets(config, external, progress=progress)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
     layout = {"world_size": context.world_size, "rank": context.rank}
     pin = context.device.type == "cuda"
     seed = config.trainer.seed
-    labelled_loader = build_train_loader(
-        labelled, data, epochs=config.trainer.epochs, seed=seed, pin_memory=pin, **layout
-    )
+    try:
+        external = read_nih(config)
+        labelled, unlabelled, val = build_semi_datasets(config, external, progress=progress)
+        labelled_loader = build_labelled_loader(
+            config, labelled, progress, pin_memory=pin, **layout
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
     train_loader = build_two_stream_loader(
         labelled_loader,
         unlabelled,
@@ -247,7 +295,8 @@ def main(argv: list[str] | None = None) -> ExportedModel:
         save_config(config, Path(config.out_dir) / "config.yaml")
         print(
             f"Mean Teacher: {config.model.encoder_name} UNet-CBAM at {data.size}² on "
-            f"{len(labelled)} labelled + {len(unlabelled)} unlabelled images "
+            f"{len(labelled)} labelled{_pseudo_note(config, labelled_loader)} + "
+            f"{len(unlabelled)} unlabelled images "
             f"({data.batch_size} + {config.unlabelled.batch_size} per step), validating "
             f"student and teacher on {len(val)} (fold {data.fold}), {context.world_size} "
             f"process(es) on {trainer.device}"

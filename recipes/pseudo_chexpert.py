@@ -90,7 +90,12 @@ from ssl_ptx.inference import Predictor, load_model
 from ssl_ptx.losses import build_loss
 from ssl_ptx.lung_crop import LungCropper
 from ssl_ptx.models import create_model
-from ssl_ptx.pseudo import ConfidenceBand, PseudoLabelFilter, published_rules
+from ssl_ptx.pseudo import (
+    ConfidenceBand,
+    PseudoLabelFilter,
+    published_rules,
+    read_pseudo_manifest,
+)
 
 FLAG_KEYS = {
     "siim_dir": "data.siim_dir",
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> PseudoRun:
             )
         barrier()
         audit = json.loads((pseudo_dir / "audit.json").read_text())
-        pseudo = pd.read_csv(pseudo_dir / "pseudo_manifest.csv", keep_default_na=True)
+        pseudo = read_pseudo_manifest(pseudo_dir)
         datasets = build_pseudo_datasets(
             config.data, pseudo, in_channels=config.model.in_channels, progress=progress
         )

@@ -51,6 +51,7 @@ __all__ = [
     "MeanTeacherConfig",
     "MeanTeacherTrainConfig",
     "ModelConfig",
+    "PseudoMixConfig",
     "TrainConfig",
     "TrainerConfig",
     "UnlabelledConfig",
@@ -489,12 +490,33 @@ class UnlabelledConfig:
 
 
 @dataclass
+class PseudoMixConfig:
+    """Pseudo-labelled images mixed into a Mean Teacher run's labelled stream (pseudo labels +
+    Mean Teacher).
+
+    Attributes:
+        dir: the output folder of a finished pseudo-label filter (``OUT/pseudo`` of
+            ``recipes/pseudo_chexpert.py``, holding ``pseudo_manifest.csv``); None = no pseudo
+            labels, the labelled stream is the SIIM masks alone.
+        ratio: pseudo positives per SIIM positive per epoch (3rd place: 0.5), drawn afresh
+            each epoch as in the pseudo-label recipe.
+    """
+
+    dir: str | None = None
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.ratio >= 0, "pseudo.ratio", f"must be >= 0, got {self.ratio}")
+
+
+@dataclass
 class MeanTeacherTrainConfig(TrainConfig):
-    """A Mean Teacher run: a supervised run's sections plus ``mean_teacher`` and
-    ``unlabelled``."""
+    """A Mean Teacher run: a supervised run's sections plus ``mean_teacher``, ``unlabelled``
+    and ``pseudo``."""
 
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
+    pseudo: PseudoMixConfig = field(default_factory=PseudoMixConfig)
     out_dir: str = "outputs/mean_teacher"
 
 

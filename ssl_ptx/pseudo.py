@@ -92,7 +92,9 @@ __all__ = [
     "PseudoLabelFilter",
     "PseudoRule",
     "SoftMaps",
+    "PSEUDO_MANIFEST_NAME",
     "published_rules",
+    "read_pseudo_manifest",
     "read_pseudo_masks",
     "scaled_min_area",
 ]
@@ -101,6 +103,8 @@ logger = logging.getLogger(__name__)
 
 #: the side at which ``min_area`` / ``max_area`` are stated (the SIIM images' 1024²)
 REFERENCE_SIDE = 1024
+#: the filter's table of kept images in its output folder
+PSEUDO_MANIFEST_NAME = "pseudo_manifest.csv"
 _PARTS = "parts"
 _BUILD_INFO = "build.json"
 _DECISION_COLUMNS = [
@@ -600,7 +604,7 @@ class PseudoLabelFilter:
         audit["n_soft"] = len(soft)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, table in (
-            ("pseudo_manifest.csv", pseudo),
+            (PSEUDO_MANIFEST_NAME, pseudo),
             ("decisions.csv", decisions),
             ("skipped.csv", skipped_table),
         ):
@@ -694,6 +698,22 @@ def _write_masks(
         out.create_dataset(
             "image_ids", data=[ids[row] for row in sorted(masks)], dtype=h5py.string_dtype()
         )
+
+
+def read_pseudo_manifest(pseudo_dir: str | os.PathLike) -> pd.DataFrame:
+    """The kept images of a filter's output folder (its ``pseudo_manifest.csv``), to train on.
+
+    Raises:
+        FileNotFoundError: the folder holds no ``pseudo_manifest.csv`` (not a filter's output,
+            or the filter has not finished).
+    """
+    path = Path(pseudo_dir) / PSEUDO_MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: give the output folder of a finished pseudo-label filter "
+            "(e.g. OUT/pseudo of recipes/pseudo_chexpert.py)"
+        )
+    return pd.read_csv(path, keep_default_na=True)
 
 
 def read_pseudo_masks(path: str | os.PathLike) -> dict[str, np.ndarray]:

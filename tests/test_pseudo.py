@@ -18,6 +18,8 @@ from torch import nn
 
 from ssl_ptx.data import rle
 from ssl_ptx.data.manifest import MANIFEST_COLUMNS
+from ssl_ptx.engine.checkpoint import load_checkpoint
+from ssl_ptx.engine.logging import read_metrics_csv
 from ssl_ptx.inference import Predictor
 from ssl_ptx.pseudo import (
     ConfidenceBand,
@@ -266,13 +268,16 @@ def test_band_and_negative_agreement(pool: pd.DataFrame, tmp_path: Path) -> None
 # ------------------------------------------------------------------------------- the recipe
 
 
-def _recipe():
-    path = ROOT / "recipes" / "pseudo_chexpert.py"
-    spec = importlib.util.spec_from_file_location("pseudo_chexpert", path)
+def _load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def _recipe():
+    return _load_recipe("pseudo_chexpert")
 
 
 def test_recipe_help(capsys: pytest.CaptureFixture) -> None:
@@ -316,6 +321,28 @@ def test_recipe_end_to_end_tiny_and_resume(demo_root: Path, tmp_path: Path) -> N
     resumed = torch.load(out / "model.pt", weights_only=True)["model"]
     assert resumed.keys() == student.keys()
     assert all(torch.equal(resumed[k], student[k]) for k in student)
+
+    # pseudo labels + Mean Teacher: the filter's output joins the Mean Teacher's labelled
+    # stream, which then draws as many batches as the pseudo student's
+    mean_teacher = _load_recipe("mean_teacher_nih")
+    argv = _tiny_recipe_argv(demo_root, tmp_path / "mt", tmp_path / "cache")
+    argv += ["--labelled-fraction", "1", "--set", "unlabelled.batch_size=2"]
+    with pytest.raises(SystemExit, match="pseudo_manifest.csv does not exist"):
+        mean_teacher.main([*argv, "--pseudo", str(tmp_path)])
+    mean_teacher.main([*argv, "--pseudo", str(out / "pseudo"), "--ratio", "0.5"])
+    config, _ = mean_teacher.build_config(
+        mean_teacher.parse_args([*argv, "--pseudo", str(out / "pseudo")])
+    )
+    loader = mean_teacher.build_labelled_loader(config, None, progress=False)
+    n_siim = len(loader.dataset.datasets[0])
+    assert any(index >= n_siim for index in loader.sampler)  # pseudo images are drawn
+    runs = {"student": out, "mt": tmp_path / "mt"}
+    steps = {name: read_metrics_csv(run / "metrics.csv")[-1]["step"] for name, run in runs.items()}
+    assert steps["mt"] == steps["student"]
+    assert load_checkpoint(tmp_path / "mt" / "last.pt")["config"]["pseudo"] == {
+        "dir": str(out / "pseudo"),
+        "ratio": 0.5,
+    }
 
 
 # ------------------------------------------------------- the confidence band in the loss
