@@ -7,7 +7,8 @@ Faults injected (each a real ``SIGKILL`` of a child process, see ``tests/_subpro
   and killed again by themselves inside their 2nd write of ``last.pt`` (temporary file
   complete, not yet renamed), then resumed to the end: the final student, EMA / teacher and
   optimiser tensors equal an uninterrupted run's exactly (``torch.equal``, CPU, same seed),
-  and so do the metrics rows (one per epoch, none repeated);
+  and so do the metrics rows (one per epoch, none repeated); the killed write's temporary
+  file is gone (the next write of ``last.pt`` removes it) and no ``.tmp`` file is left;
 * the HDF5 cache build killed inside the write of its 3rd part file, then rerun: the cache
   equals an uninterrupted build's (ids, pixels, masks, labels, metadata);
 * the pseudo-label filter killed inside the write of its 2nd part file, then rerun: the
@@ -200,8 +201,10 @@ def test_recipe_killed_mid_epoch_and_in_checkpoint_write_resumes_exactly(
     previous = load_checkpoint(out_dir / "last.pt")  # the write before the killed one
     assert previous["global_step"] == killed["global_step"] + 1
 
-    # 3. resumed to the end
+    # 3. resumed to the end; its first write of last.pt removes the killed write's temporary
     recipe.main([*args, "--resume"])
+    leftovers = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.tmp"))
+    assert not Path(temporary).exists() and not leftovers, leftovers
     resumed = load_checkpoint(out_dir / "last.pt")
     compared = assert_same_final_state(straight, resumed)
     assert compared > 100  # model, optimiser moments, EMA / teacher weights

@@ -91,8 +91,11 @@ def build_train_loader(
     reach that share (:class:`~ssl_ptx.data.samplers.PositiveRateSampler`, constant or linear
     to ``positive_rate_end``); otherwise every image once, shuffled
     (``DistributedSampler``). Both shard by rank and are seeded by (``seed``, epoch). The
-    last incomplete batch is dropped. Workers are not persistent, so that
-    :func:`reseed_loader` reaches them every epoch.
+    last incomplete batch is dropped, and under DDP the epoch's last ``n mod world_size``
+    images too (not padded with repeated images): step ``k`` of ``world_size`` processes
+    then trains on exactly the images of step ``k`` of one process with the whole global
+    batch, and the processes take as many steps as that process. Workers are not
+    persistent, so that :func:`reseed_loader` reaches them every epoch.
 
     Args:
         dataset: a dataset with a ``labels`` array when ``positive_rate`` is set.
@@ -113,11 +116,16 @@ def build_train_loader(
                 config.positive_rate_epochs or epochs,
             )
         sampler: Sampler[int] = PositiveRateSampler(
-            dataset.labels, schedule, seed=seed, num_replicas=world_size, rank=rank
+            dataset.labels,
+            schedule,
+            seed=seed,
+            num_replicas=world_size,
+            rank=rank,
+            drop_last=True,
         )
     else:
         sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
     generator = torch.Generator()
     generator.manual_seed(seed)
