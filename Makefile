@@ -68,7 +68,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_rle.py --json outputs/bench_rle.json
 	$(BIN)/python benchmarks/bench_data.py --json outputs/bench_data.json
 	$(BIN)/python benchmarks/bench_lovasz.py --json outputs/bench_lovasz.json
-	$(BIN)/python benchmarks/bench_inference.py --checkpoint outputs/demo_supervised/checkpoints/best-epoch015.pt \
+	$(BIN)/python benchmarks/bench_inference.py \
+		--checkpoint $(lastword $(sort $(wildcard outputs/demo_supervised/checkpoints/best-*.pt))) \
 		--json outputs/bench_inference.json
 
 clean:

@@ -8,6 +8,9 @@ A run is described by one :class:`TrainConfig` with five sections::
     trainer  TrainerConfig  optimiser, schedule, precision, devices, checkpoints, validation
     ema      EMAConfig      an exponential moving average of the weights (off by default)
 
+and ``pseudo`` (:class:`PseudoMixConfig`): pseudo labels mixed into the training stream (none by
+default).
+
 A Mean Teacher run (:class:`MeanTeacherTrainConfig`, presets :data:`MEAN_TEACHER_PRESETS`)
 adds ``mean_teacher`` (:class:`MeanTeacherConfig`) and ``unlabelled``
 (:class:`UnlabelledConfig`).
@@ -267,6 +270,9 @@ class TrainerConfig:
         monitor: validation metric that ranks checkpoints ("val_dice", ...; higher is better,
             except names ending in "loss").
         top_k: best checkpoints kept (0 = none).
+        val_every: validate every this many epochs, and always after the last one (1 = every
+            epoch); checkpoint ranking, the EMA's and teacher's validation and the curves
+            follow the validated epochs. Must be 1 with the plateau scheduler.
         save_every_n_steps: also write ``last.pt`` every N optimiser steps (0 = per epoch only).
         max_nonfinite: consecutive non-finite losses that stop the run (after a checkpoint).
         sync_bn: convert BatchNorm to SyncBatchNorm under DDP.
@@ -292,6 +298,7 @@ class TrainerConfig:
     threshold: float = 0.5
     monitor: str = "val_dice"
     top_k: int = 3
+    val_every: int = 1
     save_every_n_steps: int = 0
     max_nonfinite: int = 5
     sync_bn: bool = False
@@ -314,6 +321,12 @@ class TrainerConfig:
         )
         _require(self.warmup_epochs >= 0, "trainer.warmup_epochs", "must be >= 0")
         _require(self.top_k >= 0, "trainer.top_k", f"must be >= 0, got {self.top_k}")
+        _require(self.val_every >= 1, "trainer.val_every", f"must be >= 1, got {self.val_every}")
+        _require(
+            self.val_every == 1 or self.scheduler != "plateau",
+            "trainer.val_every",
+            "must be 1 with trainer.scheduler=plateau (it steps on every epoch's validation)",
+        )
         _require(self.save_every_n_steps >= 0, "trainer.save_every_n_steps", "must be >= 0")
         _require(self.max_nonfinite >= 1, "trainer.max_nonfinite", "must be >= 1")
         _require(
@@ -370,8 +383,30 @@ class EMAConfig:
 
 
 @dataclass
+class PseudoMixConfig:
+    """Pseudo-labelled images mixed into a run's labelled training stream: pseudo labels in a
+    supervised run or stage (e.g. the 10th place's soft pseudo labels), or pseudo labels +
+    Mean Teacher.
+
+    Attributes:
+        dir: the output folder of a finished pseudo-label filter (``OUT/pseudo`` of
+            ``recipes/pseudo_chexpert.py``, holding ``pseudo_manifest.csv``); None = no pseudo
+            labels, the labelled stream is the SIIM masks alone.
+        ratio: pseudo positives per SIIM positive per epoch (3rd place: 0.5), drawn afresh
+            each epoch as in the pseudo-label recipe.
+    """
+
+    dir: str | None = None
+    ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.ratio >= 0, "pseudo.ratio", f"must be >= 0, got {self.ratio}")
+
+
+@dataclass
 class TrainConfig:
-    """A whole supervised run: the five sections and the output folder.
+    """A whole supervised run: the five sections, the pseudo labels it mixes in (``pseudo``,
+    none by default) and the output folder.
 
     ``stages``: consecutive runs, each a mapping of dotted keys to values applied over the
     stage before (``[{data.size: 512}, {data.size: 1024, trainer.lr: 1.0e-5}]``), each from
@@ -384,6 +419,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    pseudo: PseudoMixConfig = field(default_factory=PseudoMixConfig)
     out_dir: str = "outputs/supervised"
     stages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -490,33 +526,12 @@ class UnlabelledConfig:
 
 
 @dataclass
-class PseudoMixConfig:
-    """Pseudo-labelled images mixed into a Mean Teacher run's labelled stream (pseudo labels +
-    Mean Teacher).
-
-    Attributes:
-        dir: the output folder of a finished pseudo-label filter (``OUT/pseudo`` of
-            ``recipes/pseudo_chexpert.py``, holding ``pseudo_manifest.csv``); None = no pseudo
-            labels, the labelled stream is the SIIM masks alone.
-        ratio: pseudo positives per SIIM positive per epoch (3rd place: 0.5), drawn afresh
-            each epoch as in the pseudo-label recipe.
-    """
-
-    dir: str | None = None
-    ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        _require(self.ratio >= 0, "pseudo.ratio", f"must be >= 0, got {self.ratio}")
-
-
-@dataclass
 class MeanTeacherTrainConfig(TrainConfig):
-    """A Mean Teacher run: a supervised run's sections plus ``mean_teacher``, ``unlabelled``
-    and ``pseudo``."""
+    """A Mean Teacher run: a supervised run's sections plus ``mean_teacher`` and
+    ``unlabelled``."""
 
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
     unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
-    pseudo: PseudoMixConfig = field(default_factory=PseudoMixConfig)
     out_dir: str = "outputs/mean_teacher"
 
 

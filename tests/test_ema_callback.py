@@ -8,6 +8,7 @@ averaged running statistics are covered too.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from test_trainer import (
 from torch import nn
 
 from ssl_ptx.config import EMAConfig, preset
-from ssl_ptx.engine import Callback, EMACallback, Trainer, build_ema_callback
+from ssl_ptx.engine import Callback, EMACallback, Trainer, build_ema_callback, export_best
 from ssl_ptx.engine.checkpoint import load_checkpoint
 from ssl_ptx.engine.ema_callback import ema_decay_schedule
 from ssl_ptx.engine.logging import read_metrics_csv
@@ -142,11 +143,11 @@ def test_ema_metrics_and_checkpoints(tmp_path: Path) -> None:
     # the EMA's own best files hold its weights; the trained model's are ranked by the EMA
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("ema_best-*")) == [
-        "ema_best-epoch000.pt",
         "ema_best-epoch001.pt",
+        "ema_best-epoch002.pt",
     ]
-    saved = load_checkpoint(checkpoints / "ema_best-epoch001.pt")
-    assert saved["source"] == "ema" and saved["epoch"] == 1
+    saved = load_checkpoint(checkpoints / "ema_best-epoch002.pt")
+    assert saved["source"] == "ema" and saved["epoch"] == 1  # file names 1-based, epoch not
     assert_same_state(saved["model"], ema.ema.module.state_dict())
     best = load_checkpoint(result.best_checkpoint)
     assert best["source"] == "model" and result.best_checkpoint.name.startswith("best-epoch")
@@ -179,6 +180,30 @@ def test_stop_and_resume_at_epoch_end_keeps_the_ema_top_k(tmp_path: Path) -> Non
     _fit(tmp_path, [ema], resume=tmp_path / "last.pt")
     assert ema.top_k is not None and len(ema.top_k.best) == 1
     assert ema.ema.num_updates == 8
+
+
+def test_export_without_top_k_files_names_the_last_epoch(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # without top-k files the models compete as they are after fit, when trainer.epoch
+    # already counts the next epoch: the weights are those of the last one (0-based 1)
+    trainer, _, _ = _fit(tmp_path, [EMACallback(0.5)], top_k=0)
+    assert (trainer.epoch, trainer.weights_epoch) == (2, 1)
+    with caplog.at_level(logging.INFO, logger="ssl_ptx.engine.ema_callback"):
+        exported = export_best(trainer, tmp_path / "model.pt")
+    assert exported.epoch == load_checkpoint(tmp_path / "model.pt")["epoch"] == 1
+    assert f"(epoch 2, val_dice {exported.score:.4f})" in caplog.text
+    assert set(exported.scores) == {"model", "ema"}
+
+    # the same from a finished run's last.pt (which stores the next epoch, 2)
+    resumed, _, _ = _fit(tmp_path, [EMACallback(0.5)], resume=trainer.last_path, top_k=0)
+    assert resumed.weights_epoch == 1
+    again = export_best(resumed, tmp_path / "again.pt")
+    assert (again.source, again.epoch, again.score) == (
+        exported.source,
+        exported.epoch,
+        exported.score,
+    )
 
 
 def test_build_ema_callback_from_config() -> None:
@@ -215,7 +240,7 @@ def test_supervised_recipe_with_ema(
     assert "EMA, last epoch: Dice" in capsys.readouterr().out
     row = read_metrics_csv(tmp_path / "run" / "metrics.csv")[-1]
     assert {"ema_val_dice", "ema_val_dice_pos", "ema_val_fp_rate"} <= set(row)
-    assert (tmp_path / "run" / "checkpoints" / "ema_best-epoch000.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "ema_best-epoch001.pt").is_file()
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     ema_state = last["callbacks"]["EMACallback[ema_]"]["ema"]
     assert ema_state["_extra_state"]["decay"] == 0.0  # third_place: epoch 1 is a copy

@@ -248,7 +248,7 @@ def test_teacher_metrics_checkpoints_and_export(tmp_path: Path) -> None:
     for key in ("teacher_val_dice", "teacher_val_dice_pos", "teacher_val_fp_rate"):
         assert key in rows[-1]
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert "teacher_best-epoch000.pt" in files and "best-epoch000.pt" in files
+    assert "teacher_best-epoch001.pt" in files and "best-epoch001.pt" in files
 
     exported = export_best(trainer, tmp_path / "model.pt")
     best = {
@@ -259,8 +259,21 @@ def test_teacher_metrics_checkpoints_and_export(tmp_path: Path) -> None:
     assert exported.score == max(best.values())
     saved = load_checkpoint(tmp_path / "model.pt")
     prefix = "" if exported.source == "model" else "teacher_"
+    assert f"{prefix}best-epoch{exported.epoch + 1:03d}.pt" in files  # file names 1-based
     assert saved["source"] == exported.source
     assert saved["metrics"][prefix + "val_dice"] == exported.score
+
+
+def test_incomplete_window_left_out_and_export_without_top_k(tmp_path: Path) -> None:
+    # 4 labelled batches per epoch, 3 per step: one step per epoch, the 4th batch left out
+    recorder = StepRecorder()
+    trainer = _mt_fit(tmp_path, callbacks=(recorder,), top_k=0, accumulate=3)
+    assert trainer.global_step == trainer.mean_teacher.teacher.num_updates == 2
+    assert recorder.batches == 6
+    assert trainer._train_loader.position == 32  # the left-out batch is drawn: whole epochs
+    assert trainer.mean_teacher.epoch == pytest.approx(1 + 2 / 3)  # of the 3 batches trained
+    # without top-k files the models as they are after the 2 epochs compete: epoch 1 (0-based)
+    assert export_best(trainer, tmp_path / "model.pt").epoch == 1
 
 
 def test_a_supervised_last_pt_is_refused(tmp_path: Path) -> None:
@@ -333,7 +346,7 @@ def test_recipe_help_and_a_tiny_run(
     run = tmp_path / "run"
     for name in ("config.yaml", "last.pt", "metrics.csv", "curves.png", "model.pt"):
         assert (run / name).is_file(), name
-    assert (run / "checkpoints" / "teacher_best-epoch000.pt").is_file()
+    assert (run / "checkpoints" / "teacher_best-epoch001.pt").is_file()
     assert exported.source in ("model", "teacher")
     last = load_checkpoint(run / "last.pt")
     assert last["config"]["model"]["presence_head"] is True

@@ -9,6 +9,7 @@ otherwise.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_ptx.config import DataConfig, TrainerConfig, load_config
 from ssl_ptx.engine import Callback, CheckpointError, NonFiniteLossError, TopKCheckpoint, Trainer
@@ -279,6 +280,66 @@ def test_accumulation_matches_the_larger_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
 
 
+def test_incomplete_accumulation_window_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = ToySegmentation(n=10)
+    settings = {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0, "scheduler": "cosine"}
+    config = trainer_config(epochs=1, accumulate=2, **settings)
+    runs = {}
+    for images in (10, 8):  # 5 and 4 micro-batches of 2, in order
+        seed_everything(0)
+        loader = DataLoader(Subset(dataset, range(images)), batch_size=2)
+        counter = BatchCounter()
+        run_config = trainer_config(epochs=1, accumulate=2, progress=images == 10, **settings)
+        trainer = Trainer(
+            TinyNet(), bce, run_config, out_dir=tmp_path / str(images), callbacks=[counter]
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ssl_ptx.engine.trainer"):
+            result = trainer.fit(loader)
+        runs[images] = trainer, result, counter.count, caplog.text
+    five, four = runs[10], runs[8]
+    assert five[1].global_step == four[1].global_step == 2
+    assert five[2] == four[2] == 4  # the 5th micro-batch is neither computed nor stepped
+    assert_same_state(five[0].model.state_dict(), four[0].model.state_dict())
+    assert five[1].metrics["train_loss"] == four[1].metrics["train_loss"]  # over 8 images
+    assert five[0].scheduler.last_epoch == 2 and five[0].lr == 0.0  # cosine ends at min_lr
+    assert five[3].count("left out") == 1 and "1 of 5 in epoch 1" in five[3]
+    assert "left out" not in four[3]
+    bar = capsys.readouterr().err  # the progress bar counts the micro-batches computed
+    assert "0/4" in bar and "/5" not in bar
+
+    seed_everything(0)
+    one_batch = DataLoader(Subset(dataset, range(2)), batch_size=2)
+    trainer = Trainer(TinyNet(), bce, config, out_dir=tmp_path / "short")
+    with pytest.raises(ValueError, match="1 micro-batch.*fewer than trainer.accumulate=2"):
+        trainer.fit(one_batch)
+
+
+def _odd_window_run(out: Path, callbacks: Sequence[Callback] = (), **fit: Any) -> Trainer:
+    """2 epochs of 5 shuffled micro-batches of 2, accumulate 2, cosine, last.pt every step."""
+    seed_everything(0)
+    train_loader, _ = toy_loaders(ToySegmentation(n=10), batch_size=2)
+    config = trainer_config(accumulate=2, scheduler="cosine", save_every_n_steps=1)
+    trainer = Trainer(TinyNet(), bce, config, out_dir=out, callbacks=[BatchCounter(), *callbacks])
+    trainer.fit(train_loader, **fit)
+    return trainer
+
+
+def test_resume_mid_epoch_with_an_incomplete_window(tmp_path: Path) -> None:
+    straight = _odd_window_run(tmp_path / "straight")
+    assert straight.global_step == 4 and straight.callbacks[-1].count == 8
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _odd_window_run(tmp_path / "split", [CrashAtStep(4)])
+    saved = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert (saved["epoch"], saved["batches_done"], saved["global_step"]) == (1, 2, 3)
+    resumed = _odd_window_run(tmp_path / "split", resume=tmp_path / "split" / "last.pt")
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    assert resumed.global_step == resumed.scheduler.last_epoch == 4
+    assert resumed.callbacks[-1].count == 8 and resumed.lr == straight.lr == 0.0
+
+
 class NaNLoss:
     """BCE, except NaN on the calls listed (0-based), or on every call."""
 
@@ -415,11 +476,13 @@ def test_top_k_keeps_the_best_files(tmp_path: Path) -> None:
         TinyNet(), bce, trainer_config(epochs=4), out_dir=tmp_path, callbacks=callbacks
     )
     trainer.fit(train_loader, val_loader)
+    # file names count epochs as the log does (1-based); the stored epoch is 0-based
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "best-epoch001.pt",
-        "best-epoch003.pt",
+        "best-epoch002.pt",
+        "best-epoch004.pt",
     ]
-    assert top.best_path == tmp_path / "ckpt" / "best-epoch001.pt"  # a tie keeps the earlier
+    assert top.best_path == tmp_path / "ckpt" / "best-epoch002.pt"  # a tie keeps the earlier
+    assert [entry["epoch"] for entry in top.best] == [1, 3]
     stored = load_checkpoint(top.best_path)
     assert stored["kind"] == "weights" and stored["epoch"] == 1
     assert stored["metrics"]["score"] == 0.5

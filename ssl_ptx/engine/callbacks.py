@@ -107,8 +107,10 @@ class TopKCheckpoint(Callback):
     """Keep the ``k`` best model weights by a validation metric.
 
     After each validation, if ``monitor`` ranks among the best ``k`` so far, the model's
-    weights are written to ``<dirpath>/best-epoch<NNN>.pt`` (a "weights" checkpoint: model
+    weights are written to ``<dirpath>/best-epochNNN.pt`` (a "weights" checkpoint: model
     state, epoch, metrics, config) and the file that dropped out of the top ``k`` is deleted.
+    NNN is the epoch number the log prints (1-based: ``best-epoch016.pt`` holds the weights
+    after "epoch 16/16"); the ``epoch`` stored in the file and in :attr:`best` is 0-based.
     A tie does not displace an earlier epoch. NaN scores are never kept.
 
     Args:
@@ -116,7 +118,7 @@ class TopKCheckpoint(Callback):
         k: number of files kept (>= 1).
         monitor: key of ``trainer.callback_metrics``.
         mode: "max" or "min"; default :func:`monitor_mode`.
-        filename: file name pattern, formatted with ``epoch`` (0-based).
+        filename: file name pattern, formatted with ``epoch`` (1-based, as logged).
         weights: ``trainer -> checkpoint dict`` to write; default
             ``trainer.weights_checkpoint()`` (the trained model). An EMA or a teacher passes
             its own (:mod:`ssl_ptx.engine.ema_callback`).
@@ -173,13 +175,14 @@ class TopKCheckpoint(Callback):
         rank = sum(1 for entry in self.best if not self._better(score, entry["score"]))
         if rank >= self.k:
             return
-        path = self.dirpath / self.filename.format(epoch=trainer.epoch)
+        epoch = trainer.weights_epoch
+        path = self.dirpath / self.filename.format(epoch=epoch + 1)
         if trainer.is_main:
             weights = (
                 trainer.weights_checkpoint() if self.weights is None else self.weights(trainer)
             )
             save_checkpoint(weights, path)
-        self.best.insert(rank, {"score": score, "epoch": trainer.epoch, "path": str(path)})
+        self.best.insert(rank, {"score": score, "epoch": epoch, "path": str(path)})
         for dropped in self.best[self.k :]:
             if trainer.is_main and Path(dropped["path"]) != path:
                 Path(dropped["path"]).unlink(missing_ok=True)

@@ -5,8 +5,9 @@ Two kinds of file carry ``format`` = :data:`CHECKPOINT_FORMAT`:
 ``"full"``  (``last.pt``) everything :class:`~ssl_ptx.engine.trainer.Trainer` needs to continue
             a run exactly: model, optimiser, scheduler, scaler, loop counters, sampler, RNG
             states of every process, stateful callbacks, the run's config.
-``"weights"`` (top-k ``best-*.pt``) the model's ``state_dict`` with its epoch, metrics and
-            config; what inference and checkpoint ensembles load.
+``"weights"`` (top-k ``best-epochNNN.pt``, NNN the 1-based epoch as logged) the model's
+            ``state_dict`` with its epoch (0-based), metrics and config; what inference and
+            checkpoint ensembles load.
 
 Files are written to a temporary name beside the target and renamed onto it
 (:func:`ssl_ptx.fileio.atomic_path`), so a crash mid-write leaves the previous file intact.

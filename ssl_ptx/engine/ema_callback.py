@@ -4,7 +4,8 @@
 teacher) at every validation with the Trainer's own metrics, stores them under a prefix
 (``ema_val_dice``, ``ema_val_dice_pos``, ``ema_val_fp_rate``, … beside the student's
 ``val_dice`` …, so they reach ``metrics.csv``, the curves and TensorBoard) and keeps the
-``top_k`` best of its weights as ``checkpoints/<prefix>best-epochNNN.pt``.
+``top_k`` best of its weights as ``checkpoints/<prefix>best-epochNNN.pt`` (NNN: the 1-based
+epoch number the log prints).
 
 :class:`EMACallback` is that for an :class:`~ssl_ptx.ema.ModelEMA` of ``trainer.model`` (the
 plain module, never the DDP wrapper): built when ``fit`` starts, updated after every optimiser
@@ -318,7 +319,8 @@ def export_best(trainer: Trainer, path: str | Path, metric: str = "val_dice") ->
     and of every :class:`ModelValidation` callback's; each is scored by its own model's
     ``metric`` at its epoch (``val_dice`` for the trained model, ``teacher_val_dice`` for the
     teacher, …) and the highest wins, the trained model on a tie. Without top-k files the
-    models as they are now compete on the last epoch's metrics.
+    models as they are now compete on the last epoch's metrics (their epoch: the last one
+    finished, :attr:`~ssl_ptx.engine.trainer.Trainer.weights_epoch`).
 
     Raises:
         ValueError: no candidate has a finite score (no validation ran).

@@ -15,7 +15,8 @@ fraction of an epoch per batch.
 
 Each validation scores the student (``val_dice`` …) and the teacher (``teacher_val_dice`` …;
 under DDP its own BatchNorm statistics are first averaged over the processes), and the best
-weights of both are kept (``checkpoints/best-epochNNN.pt``, ``checkpoints/teacher_best-…``);
+weights of both are kept (``checkpoints/best-epochNNN.pt``, ``checkpoints/teacher_best-…``,
+NNN the 1-based epoch as logged);
 :func:`~ssl_ptx.engine.ema_callback.export_best` exports the better one. ``last.pt`` holds the
 whole state: student, optimiser, teacher (weights, update counter, decay), the Mean Teacher's
 epoch, the labelled sampler and the unlabelled stream's position, RNG states; a resumed run
@@ -183,8 +184,7 @@ class MeanTeacherTrainer(Trainer):
         """The Mean Teacher loss of one two-stream batch; logs ``supervised``,
         ``consistency`` (unweighted) and ``consistency_weight``."""
         labelled, unlabelled = batch["labelled"], batch["unlabelled"]
-        n_batches = max(1, len(self._train_loader))
-        self.mean_teacher.set_epoch(self.epoch + self.batches_done / n_batches)
+        self.mean_teacher.set_epoch(self.epoch + self.batches_done / self.epoch_batches)
         student_view, teacher_view = self.views(unlabelled["image"])
         with self.autocast():
             loss, parts = self.mean_teacher.training_loss(

@@ -6,11 +6,13 @@ One :class:`Trainer` owns the model, the optimiser, the learning-rate schedule a
 * mixed precision with ``torch.autocast`` (bf16, or fp16 with a ``GradScaler``); losses are
   computed in float32;
 * gradient accumulation (``accumulate`` micro-batches per step, DDP gradient sync only on the
-  last) and clipping of the global gradient norm;
+  last; an epoch's last ``n mod accumulate`` micro-batches, an incomplete window, are left
+  out, as the loaders leave out an incomplete batch) and clipping of the global gradient norm;
 * Adam / AdamW / SGD; constant or cosine schedules per optimiser step with linear warm-up, or
   reduce-on-plateau per epoch;
-* validation every epoch with the competition Dice at a probability threshold, the Dice of
-  positive images and the false-positive rate on negative images, gathered over processes
+* validation every epoch (or every ``val_every`` epochs and after the last) with the
+  competition Dice at a probability threshold, the Dice of positive images and the
+  false-positive rate on negative images, gathered over processes
   (or other per-image metrics: ``metrics=``, see :mod:`ssl_ptx.engine.validation`);
 * ``last.pt`` with the complete state, written atomically at every epoch end (and every
   ``save_every_n_steps`` optimiser steps); ``fit(resume="…/last.pt")`` continues to the same
@@ -40,6 +42,7 @@ also validates another model (an EMA, a teacher) with the same metrics.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -251,6 +254,8 @@ class Trainer:
         epoch: 0-based index of the current (or next) epoch.
         global_step: optimiser steps taken.
         batches_done: micro-batches done in the current epoch.
+        epoch_batches: micro-batches the current epoch trains on: the loader's batches less
+            the last ``n mod accumulate`` (an incomplete accumulation window).
         callback_metrics: this epoch's metrics so far (what the CSV row will hold).
         should_stop: set by a callback to stop after the current epoch.
         val_loader: the validation loader of the running ``fit`` (None without one), for
@@ -309,6 +314,7 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.batches_done = 0
+        self.epoch_batches = 0
         self.nonfinite_streak = 0
         self.callback_metrics: dict[str, float] = {}
         self.should_stop = False
@@ -335,6 +341,13 @@ class Trainer:
     @property
     def last_path(self) -> Path:
         return self.out_dir / self.last_name
+
+    @property
+    def weights_epoch(self) -> int:
+        """0-based epoch the model's weights come from: the epoch in progress (training or
+        validating), else the last one finished (between epochs and after ``fit``, when
+        ``epoch`` already counts the next); -1 before any training."""
+        return self.epoch if self.batches_done else self.epoch - 1
 
     @property
     def lr(self) -> float:
@@ -455,7 +468,8 @@ class Trainer:
         *,
         resume: str | Path | None = None,
     ) -> FitResult:
-        """Train for ``config.epochs`` epochs (or until ``should_stop``), validating each.
+        """Train for ``config.epochs`` epochs (or until ``should_stop``), validating every
+        ``config.val_every`` epochs and after the last.
 
         Args:
             train_loader: a DataLoader of dict batches (``image``, ``mask``, ``label``,
@@ -482,8 +496,16 @@ class Trainer:
                 "samples per process than the batch size (incomplete batches are dropped); "
                 "lower data.batch_size or use more images"
             )
+        steps = [n // config.accumulate for n in batches]
+        if min(steps) == 0:
+            short = steps.index(0)
+            raise ValueError(
+                f"epoch {short + 1} has {batches[short]} micro-batch(es), fewer than "
+                f"trainer.accumulate={config.accumulate}: no complete optimiser step; lower "
+                "trainer.accumulate or data.batch_size, or use more images"
+            )
+        self._log_left_out(batches)
         if self.scheduler is None:
-            steps = [math.ceil(n / config.accumulate) for n in batches]
             self.scheduler = build_scheduler(self.optimizer, config, steps)
         if resume is not None:
             self.load_state(resume)
@@ -495,7 +517,7 @@ class Trainer:
                 started = time.perf_counter()
                 self.callback_metrics = {"epoch": self.epoch}
                 self.callback_metrics.update(self._train_epoch(train_loader))
-                if val_loader is not None:
+                if val_loader is not None and self.validates(self.epoch):
                     self._validation_epoch(val_loader)
                 if isinstance(self.scheduler, ReduceLROnPlateau):
                     self.scheduler.step(self._monitored())
@@ -527,6 +549,24 @@ class Trainer:
             global_step=self.global_step,
         )
 
+    def _log_left_out(self, batches: Sequence[int]) -> None:
+        """Say once per ``fit`` how many micro-batches incomplete accumulation windows leave
+        out (``batches``: micro-batches of every epoch)."""
+        accumulate = self.config.accumulate
+        left_out = sum(n % accumulate for n in batches)
+        if left_out and self.is_main:
+            logger.info(
+                "trainer.accumulate=%d: the last n mod %d micro-batches of an epoch of n are "
+                "left out (no forward, no step; %d of %d in epoch 1, %d of %d in the run), as "
+                "the loader leaves out an incomplete batch",
+                accumulate,
+                accumulate,
+                batches[0] % accumulate,
+                batches[0],
+                left_out,
+                sum(batches),
+            )
+
     def _train_epoch(self, loader: Iterable) -> dict[str, float]:
         config = self.config
         set_loader_epoch(loader, self.epoch)
@@ -535,6 +575,7 @@ class Trainer:
         self.train_model.train()
         self._call("on_train_epoch_start")
         n_batches = len(loader)
+        self.epoch_batches = n_batches - n_batches % config.accumulate
         iterator = iter(loader)
         for _ in range(skip):  # resumed mid-epoch: replay the data stream without computing
             next(iterator)
@@ -547,7 +588,7 @@ class Trainer:
         for key in ("loss", "images", "nonfinite"):  # the same keys on every process
             sums.setdefault(key, 0.0)
         bar = tqdm(
-            total=n_batches,
+            total=self.epoch_batches,
             initial=skip,
             desc=f"epoch {self.epoch + 1}/{config.epochs}",
             unit="batch",
@@ -558,11 +599,10 @@ class Trainer:
         started = time.perf_counter()
         window_bad = False
         with bar:
-            for batch_idx, batch in enumerate(iterator, start=skip):
+            todo = itertools.islice(iterator, max(0, self.epoch_batches - skip))
+            for batch_idx, batch in enumerate(todo, start=skip):
                 batch = self.to_device(batch)
-                closes_window = (
-                    batch_idx + 1
-                ) % config.accumulate == 0 or batch_idx + 1 == n_batches
+                closes_window = (batch_idx + 1) % config.accumulate == 0
                 loss, logs, finite = self._forward_backward(batch, closes_window)
                 images = self.batch_size(batch)
                 stepped = False
@@ -609,7 +649,7 @@ class Trainer:
                     stepped
                     and config.save_every_n_steps
                     and self.global_step % config.save_every_n_steps == 0
-                    and self.batches_done < n_batches
+                    and self.batches_done < self.epoch_batches
                 ):
                     self.save_last()
                 bar.update()
@@ -617,6 +657,8 @@ class Trainer:
                     bar.set_postfix(
                         loss=f"{sums['loss'] / sums['images']:.4f}", lr=f"{self.lr:.2e}"
                     )
+        for _ in iterator:  # the left-out tail is drawn, not computed: the loader's epoch
+            pass  # then completes (a TwoStreamLoader advances its unlabelled stream)
         seconds = time.perf_counter() - started
         return self._train_metrics(sums, seconds)
 
@@ -751,6 +793,11 @@ class Trainer:
             "val_images": float(n),
         }
 
+    def validates(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` ends with a validation (``config.val_every``; always the
+        last epoch)."""
+        return (epoch + 1) % self.config.val_every == 0 or epoch + 1 == self.config.epochs
+
     def _monitored(self) -> float:
         """This epoch's value of ``config.monitor``."""
         if self.config.monitor not in self.callback_metrics:
@@ -792,13 +839,13 @@ class Trainer:
         self, model: nn.Module | None = None, source: str = "model"
     ) -> dict[str, Any]:
         """A "weights" checkpoint dict: the state of ``model`` (default: the trained model),
-        epoch, metrics, config, and ``source`` naming which model it is ("model", "ema",
-        "teacher")."""
+        ``epoch`` (0-based: :attr:`weights_epoch`), metrics, config, and ``source`` naming
+        which model it is ("model", "ema", "teacher")."""
         return {
             "kind": _WEIGHTS,
             "model": unwrap_model(self.model if model is None else model).state_dict(),
             "source": source,
-            "epoch": self.epoch,
+            "epoch": self.weights_epoch,
             "metrics": dict(self.callback_metrics),
             "config": self.run_config,
         }
