@@ -7,6 +7,14 @@ by the same Trainer as the segmentation models, on the same data: the demo root 
 (written to --demo-dir when missing), or a real SIIM download with --siim-dir. An image is
 positive when its mask has any pixel.
 
+--encoder-init SEG.pt starts the classifier's backbone from a trained segmentation model's
+encoder (same encoder name and in_channels; its classifier layer starts at random), as several
+top solutions' classifiers share the segmentation encoder: the segmentation model has learnt
+the lesions from every pixel, a classifier from scratch gets one label per image (on the demo
+root, fold 0: ROC AUC 0.96 after 6 epochs from the encoder; from scratch 0.55 after 6, 0.86
+after 16). Use a segmentation model trained on the same folds, or its encoder has seen the
+classifier's validation images.
+
 Validation each epoch: ROC AUC (val_auc), and at the probability trainer.threshold (default
 0.5) F0.5 (val_f05), precision, recall, accuracy and the false-positive rate on negative
 images. Checkpoints are kept by --select: auc (default) or f05, F0.5 at the fixed threshold
@@ -18,14 +26,16 @@ recipes/predict.py --classifier CLASSIFIER.pt --gate classifier (or
 Predictor.from_checkpoints(..., classifier_checkpoints=[...], gate="classifier")) loads.
 
 Presets (--preset):
-  demo  ResNet18 at 128², BCE, balanced batches of 16, cosine Adam 1e-3, 6 epochs: a few
-        minutes on 2 CPU cores.
+  demo  ResNet18 at 128², BCE, balanced batches of 16, cosine Adam 1e-3, 16 epochs: about
+        4 minutes on 2 CPU cores (from scratch it learns only after ~7 epochs; with
+        --encoder-init, --epochs 6 is enough).
   full  SE-ResNeXt50 at 512², BCE, balanced batches of 16, cosine Adam 1e-4, 20 epochs,
         selection by F0.5.
 
 Examples:
   python recipes/train_classifier.py                                  # demo data and preset
   python recipes/train_classifier.py --epochs 3 --set data.size=96 --select f05
+  python recipes/train_classifier.py --encoder-init runs/seg0/checkpoints/best-epoch015.pt
   python recipes/train_classifier.py --preset full --siim-dir /data/siim --fold 0 --out runs/cls0
 """
 
@@ -35,7 +45,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from ssl_ptx.classifier import CLASSIFIER_PRESETS, ClassificationMetrics, ClassifierTrainConfig
+from ssl_ptx.classifier import (
+    CLASSIFIER_PRESETS,
+    ClassificationMetrics,
+    ClassifierTrainConfig,
+    load_segmentation_encoder,
+)
 from ssl_ptx.cli import add_config_arguments, add_resume_argument, add_run_arguments, resolve_config
 from ssl_ptx.config import ConfigError, config_to_dict, save_config
 from ssl_ptx.engine import CheckpointError, Trainer, init_distributed, seed_everything
@@ -54,6 +69,7 @@ FLAG_KEYS = {
     "epochs": "trainer.epochs",
     "device": "trainer.device",
     "out": "out_dir",
+    "encoder_init": "encoder_init",
 }
 SELECT_METRICS = {"auc": "val_auc", "f05": "val_f05"}
 
@@ -69,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--select",
         choices=sorted(SELECT_METRICS),
         help="keep checkpoints by ROC AUC or by F0.5 at trainer.threshold (trainer.monitor)",
+    )
+    parser.add_argument(
+        "--encoder-init",
+        metavar="SEG.pt",
+        help="segmentation checkpoint whose encoder initialises the classifier's backbone "
+        "(encoder_init; same encoder and in_channels)",
     )
     add_run_arguments(parser, lung_crop=False)
     add_resume_argument(parser)
@@ -110,8 +132,16 @@ def main(argv: list[str] | None = None) -> ExportedModel:
         seed=config.trainer.seed,
         context=context,
     )
+    model = create_model(config_to_dict(config.model))
+    if config.encoder_init is not None and resume is None:
+        try:
+            copied = load_segmentation_encoder(model, config.encoder_init)
+        except (ValueError, CheckpointError, FileNotFoundError) as error:
+            raise SystemExit(f"error: --encoder-init: {error}") from None
+        if context.is_main:
+            print(f"backbone initialised from {config.encoder_init} ({copied} tensors)")
     trainer = Trainer(
-        create_model(config_to_dict(config.model)),
+        model,
         config.loss.build(),
         config.trainer,
         out_dir=config.out_dir,

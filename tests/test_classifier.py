@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from pathlib import Path
@@ -19,9 +20,10 @@ from ssl_ptx.classifier import (
     ImageClassifier,
     binary_auc,
     f_beta,
+    load_segmentation_encoder,
 )
 from ssl_ptx.config import ConfigError, TrainerConfig, apply_overrides, config_to_dict
-from ssl_ptx.engine import Trainer
+from ssl_ptx.engine import Trainer, save_checkpoint
 from ssl_ptx.inference import Predictor, load_model
 from ssl_ptx.models import create_model
 
@@ -163,3 +165,84 @@ def test_classifier_config_selects_by_f05_and_refuses_segmentation_metrics() -> 
         apply_overrides(config, ["trainer.monitor=val_dice"])
     with pytest.raises(ValueError, match="imagenet"):
         ImageClassifier(encoder_weights="ssl")
+
+
+def _segmentation_checkpoint(path: Path, encoder_name: str, in_channels: int = 1) -> Path:
+    torch.manual_seed(1)
+    model = create_model(
+        {
+            "encoder_name": encoder_name,
+            "in_channels": in_channels,
+            "decoder_channels": [16, 8, 8, 8, 8],
+            "presence_head": True,
+        }
+    )
+    for name, buffer in model.named_buffers():  # BatchNorm statistics away from 0 / 1
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 1.5)
+    return save_checkpoint(
+        {"model": model.state_dict(), "config": {"model": model.model_config}}, path
+    )
+
+
+@pytest.mark.parametrize("encoder_name", ["resnet18", "tu-resnet18"])
+def test_segmentation_encoder_initialises_the_backbone_exactly(
+    tmp_path: Path, encoder_name: str
+) -> None:
+    path = _segmentation_checkpoint(tmp_path / "seg.pt", encoder_name)
+    seg = torch.load(path, weights_only=True)["model"]
+    prefix = "encoder.model." if encoder_name.startswith("tu-") else "encoder."
+    classifier = ImageClassifier("resnet18")
+    head_before = {k: v.clone() for k, v in classifier.backbone.fc.state_dict().items()}
+    copied = load_segmentation_encoder(classifier, path)
+    state = classifier.backbone.state_dict()
+    assert copied == len(state) - 2  # all but fc.weight and fc.bias
+    for key, value in state.items():
+        if key.startswith("fc."):
+            torch.testing.assert_close(value, head_before[key[3:]], rtol=0, atol=0)
+        else:
+            assert torch.equal(value, seg[prefix + key]), key
+    # the same features: the encoder's deepest map, pooled, is what fc sees
+    images = torch.rand(2, 1, 64, 64)
+    segmenter = create_model(
+        {"encoder_name": encoder_name, "in_channels": 1, "decoder_channels": [16, 8, 8, 8, 8]},
+        presence_head=True,
+    ).eval()
+    segmenter.load_state_dict(seg)
+    with torch.no_grad():
+        deepest = segmenter.encoder(images)[-1].mean(dim=(2, 3))
+        pooled = classifier.eval().backbone.forward_head(
+            classifier.backbone.forward_features(images), pre_logits=True
+        )
+    torch.testing.assert_close(pooled, deepest, rtol=1e-5, atol=1e-6)
+
+
+def test_segmentation_encoder_refuses_checkpoints_without_a_matching_encoder(
+    tmp_path: Path,
+) -> None:
+    rgb = _segmentation_checkpoint(tmp_path / "seg_rgb.pt", "resnet18", in_channels=3)
+    with pytest.raises(ValueError, match=r"seg_rgb\.pt.*in_channels 3.*conv1\.weight \[64, 3"):
+        load_segmentation_encoder(ImageClassifier("resnet18", in_channels=1), rgb)
+    grey = _segmentation_checkpoint(tmp_path / "seg.pt", "resnet18")
+    with pytest.raises(ValueError, match=r"seg\.pt.*'resnet18'.*missing \['conv1\.0\.weight'"):
+        load_segmentation_encoder(ImageClassifier("resnet10t"), grey)
+    own = save_checkpoint(
+        {"model": ImageClassifier("resnet18").state_dict()}, tmp_path / "classifier.pt"
+    )
+    with pytest.raises(ValueError, match=r"classifier\.pt: holds no encoder weights"):
+        load_segmentation_encoder(ImageClassifier("resnet18"), own)
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_segmentation_encoder(ImageClassifier("resnet18"), tmp_path / "absent.pt")
+
+
+def test_encoder_init_is_a_config_key_and_a_recipe_flag() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "train_classifier", Path(__file__).parents[1] / "recipes" / "train_classifier.py"
+    )
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config, _ = recipe.build_config(recipe.parse_args(["--encoder-init", "runs/seg/best.pt"]))
+    assert config.encoder_init == "runs/seg/best.pt"
+    assert CLASSIFIER_PRESETS["demo"]().encoder_init is None
+    with pytest.raises(ConfigError, match="both initialise"):
+        apply_overrides(config, ["model.encoder_weights=imagenet"])
