@@ -21,7 +21,9 @@ schedule settings (96², 8 labelled images per step, symmetric Lovasz, cosine Ad
 **The same compute per fraction.** A fraction's epochs are chosen so that its supervised run
 takes about ``--steps`` optimiser steps (175 = the 35 epochs of the 25 % setting); every
 method of that fraction trains for those epochs, and the Mean Teacher's consistency ramp-up
-is scaled with them (20 of 35 epochs). With the demo preset's 50 % positive sampling an epoch
+is scaled with them (20 of 35 epochs), and runs of more than 35 epochs validate every
+``ceil(epochs / 35)`` epochs and after the last (validation costs as much as training at 10 %
+of the labels otherwise). With the demo preset's 50 % positive sampling an epoch
 is twice the kept positives, so 10 % of the labels gets many short epochs and 100 % few long
 ones.
 
@@ -64,7 +66,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ssl_ptx.config import config_to_dict, load_config
+from ssl_ptx.config import ConfigError, config_to_dict, load_config
 from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.loaders import build_train_loader
 from ssl_ptx.engine.logging import read_metrics_csv
@@ -180,6 +182,8 @@ class Study:
             "trainer.top_k=0",
             "trainer.tensorboard=false",
         ]
+        if epochs > REFERENCE_EPOCHS:  # at most about as many validations as at 25 %
+            settings.append(f"trainer.val_every={math.ceil(epochs / REFERENCE_EPOCHS)}")
         flags = ["--demo-dir", str(self.args.demo_dir.resolve()), "--epochs", str(epochs)]
         flags += ["--out", str(out), "--no-progress"]
         return flags + [option for value in settings for option in ("--set", value)]
@@ -261,8 +265,11 @@ def adopt(study: Study, run: Run, folders: Iterable[Path]) -> Path | None:
             continue
         if len(read_metrics_csv(candidate / "metrics.csv")) != epochs:
             continue  # unfinished
-        # keys newer than the candidate take their defaults, as when the run was made
-        if comparable(load_config(config_path, type(wanted)())) != comparable(wanted):
+        try:  # keys newer than the candidate take their defaults, as when it was made
+            candidate_config = load_config(config_path, type(wanted)())
+        except ConfigError:
+            continue  # another recipe's config
+        if comparable(candidate_config) != comparable(wanted):
             continue
         if run.kind == "pseudo" and not _pseudo_matches(study, run, candidate):
             continue
@@ -334,7 +341,13 @@ def run_all(study: Study, runs: Sequence[Run], jobs: int) -> list[Run]:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 run = running.pop(future)
-                (done.add(run) if future.result() else failed.append(run))
+                if future.exception() is not None:  # the study's own error: report, go on
+                    print(f"[{run.name}] FAILED: {future.exception()!r}", flush=True)
+                    failed.append(run)
+                elif future.result():
+                    done.add(run)
+                else:
+                    failed.append(run)
     return failed
 
 
@@ -375,6 +388,14 @@ def summarise(study: Study, runs: Sequence[Run]) -> dict[str, Any]:
     return table
 
 
+def all_empty_dice(study: Study, runs: Sequence[Run]) -> float | None:
+    """The validation fold's Dice when every image is predicted empty (None before any run)."""
+    for run in runs:
+        if run.fraction is not None and study.finished(run):
+            return study.metrics(run).get("val_all_empty_dice")
+    return None
+
+
 def _cell_text(value: dict[str, float] | None, percent: bool, seeds: int) -> str:
     """``mean ± std`` (in % for rates), with the number of seeds when some are missing."""
     if value is None:
@@ -413,8 +434,11 @@ def markdown(table: dict[str, Any], study: Study, seconds: dict[str, float]) -> 
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict[str, Any], fractions: Sequence[float], path: Path) -> None:
-    """Dice against the labelled fraction per arm (mean, with ± std bars), as a PNG."""
+def plot(
+    table: dict[str, Any], fractions: Sequence[float], path: Path, all_empty: float | None
+) -> None:
+    """Dice against the labelled fraction per arm (mean, with ± std bars) and the Dice of
+    predicting every image empty (``all_empty``), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,7 +455,10 @@ def plot(table: dict[str, Any], fractions: Sequence[float], path: Path) -> None:
             capsize=3,
             label=arm,
         )
+    if all_empty is not None:
+        axis.axhline(all_empty, color="grey", linestyle="--", linewidth=1, label="all-empty")
     axis.set_xscale("log")
+    axis.minorticks_off()
     axis.set_xticks([100 * f for f in fractions], [f"{f:.0%}" for f in fractions])
     axis.set_xlabel("SIIM training masks used")
     axis.set_ylabel("competition Dice, validation fold (last epoch)")
@@ -536,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = markdown(table, study, seconds)
     study.out.mkdir(parents=True, exist_ok=True)
     picture = study.out / "label_efficiency.png"
-    plot(table, args.fractions, picture)
+    plot(table, args.fractions, picture, all_empty_dice(study, runs))
     report = {
         "args": {key: str(value) for key, value in vars(args).items()},
         "table": table,

@@ -50,9 +50,10 @@ the preset. The resolved config is written to OUT/config.yaml.
 
 Outputs in --out: config.yaml, last.pt (full state: student, optimiser, teacher, unlabelled
 stream position; --resume continues from it), checkpoints/best-epochNNN.pt (student) and
-checkpoints/teacher_best-epochNNN.pt (teacher) by validation Dice, model.pt (the better of the
-two; its "source" says which), metrics.csv (val_* of the student, teacher_val_* of the teacher,
-train_supervised, train_consistency, train_consistency_weight), curves.png, tensorboard/.
+checkpoints/teacher_best-epochNNN.pt (teacher) by validation Dice (NNN: the epoch number the
+log prints, from 001), model.pt (the better of the two; its "source" says which),
+metrics.csv (val_* of the student, teacher_val_* of the teacher, train_supervised,
+train_consistency, train_consistency_weight), curves.png, tensorboard/.
 
 Examples:
   python recipes/mean_teacher_nih.py                          # demo data, demo preset
@@ -70,10 +71,9 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from external_data import nih
 from ssl_ptx.cli import (
@@ -100,11 +100,10 @@ from ssl_ptx.engine import (
 )
 from ssl_ptx.engine.data import build_semi_datasets, ensure_demo_root, select_unlabelled
 from ssl_ptx.engine.distributed import destroy_distributed
-from ssl_ptx.engine.loaders import build_train_loader, build_two_stream_loader, build_val_loader
-from ssl_ptx.engine.pseudo_data import build_pseudo_datasets, build_pseudo_train_loader
+from ssl_ptx.engine.loaders import build_two_stream_loader, build_val_loader
+from ssl_ptx.engine.pseudo_data import build_training_stream
 from ssl_ptx.losses import build_loss
 from ssl_ptx.models import create_model
-from ssl_ptx.pseudo import read_pseudo_manifest
 
 #: command-line flag → dotted config key
 FLAG_KEYS = {
@@ -202,23 +201,6 @@ def read_nih(config: MeanTeacherTrainConfig) -> pd.DataFrame | None:
     )
 
 
-def build_labelled_loader(
-    config: MeanTeacherTrainConfig, labelled: Dataset, progress: bool, **loader_options: Any
-) -> DataLoader:
-    """The labelled stream: the kept SIIM masks, plus the pseudo-labelled images of
-    ``pseudo.dir`` at ``pseudo.ratio`` when set."""
-    options = {"epochs": config.trainer.epochs, "seed": config.trainer.seed, **loader_options}
-    if config.pseudo.dir is None:
-        return build_train_loader(labelled, config.data, **options)
-    datasets = build_pseudo_datasets(
-        config.data,
-        read_pseudo_manifest(config.pseudo.dir),
-        in_channels=config.model.in_channels,
-        progress=progress,
-    )
-    return build_pseudo_train_loader(datasets, config.data, ratio=config.pseudo.ratio, **options)
-
-
 def _pseudo_note(config: MeanTeacherTrainConfig, labelled_loader: DataLoader) -> str:
     if config.pseudo.dir is None:
         return ""
@@ -266,8 +248,8 @@ def main(argv: list[str] | None = None) -> ExportedModel:
     try:
         external = read_nih(config)
         labelled, unlabelled, val = build_semi_datasets(config, external, progress=progress)
-        labelled_loader = build_labelled_loader(
-            config, labelled, progress, pin_memory=pin, **layout
+        labelled_loader = build_training_stream(
+            config, labelled, progress=progress, pin_memory=pin, **layout
         )
     except (ConfigError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None

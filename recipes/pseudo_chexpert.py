@@ -54,6 +54,8 @@ Examples:
   python recipes/pseudo_chexpert.py --epochs 4 --set data.size=64 --set data.labelled_fraction=0.25
   python recipes/pseudo_chexpert.py --teacher runs/f0/model.pt --nih --ratio 1.0
   python recipes/pseudo_chexpert.py --epochs 4 --resume                # after an interruption
+  python recipes/pseudo_chexpert.py --teacher runs/f0/stage-2/last.pt --soft --filter-only \
+      --out runs/soft                               # soft labels for a 10th-place stage
   python recipes/pseudo_chexpert.py --preset full --siim-dir /data/siim \\
       --chexpert-dir /data/chexpert --set data.lung_crop=runs/lung/lung.pt --fold 0
 """
@@ -183,6 +185,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the teacher's probability maps as soft targets (10th place); train the "
         "student with --set loss.name=soft_bce",
     )
+    parser.add_argument(
+        "--filter-only",
+        action="store_true",
+        help="stop after the filter (steps 1-2): OUT/pseudo for a supervised run or stage "
+        "(--set pseudo.dir=OUT/pseudo) or recipes/mean_teacher_nih.py --pseudo",
+    )
     add_run_arguments(parser, epochs_help="student epochs (trainer.epochs)")
     parser.add_argument(
         "--resume",
@@ -285,7 +293,8 @@ def run_filter(
     )
 
 
-def main(argv: list[str] | None = None) -> PseudoRun:
+def main(argv: list[str] | None = None) -> PseudoRun | None:
+    """Run the four steps (None with --filter-only, which stops after the filter)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
@@ -332,6 +341,9 @@ def main(argv: list[str] | None = None) -> PseudoRun:
         barrier()
         audit = json.loads((pseudo_dir / "audit.json").read_text())
         pseudo = read_pseudo_manifest(pseudo_dir)
+        if args.filter_only:
+            destroy_distributed()
+            return None
         datasets = build_pseudo_datasets(
             config.data, pseudo, in_channels=config.model.in_channels, progress=progress
         )

@@ -22,7 +22,7 @@ the curves) and its best weights are kept as checkpoints/ema_best-epochNNN.pt;
 --set trainer.monitor=ema_val_dice ranks the trained model's checkpoints by the EMA's Dice.
 
 Every value can be changed, in this order of precedence: the flags below, then --set
-SECTION.KEY=VALUE (repeatable; sections model, loss, data, trainer; e.g. --set
+SECTION.KEY=VALUE (repeatable; sections model, loss, data, trainer, ema, pseudo; e.g. --set
 trainer.lr=3e-4 --set model.encoder_name=resnet34), then --config FILE.yaml (the same
 nesting), then the preset. The resolved config is written to OUT/config.yaml; a wrong key or
 value stops with a message naming it.
@@ -33,13 +33,22 @@ stages one after another in OUT/stage-<k>/, each from the best weights of the st
 (fresh optimiser and schedule); OUT/last.pt records the finished stages, so --resume skips them
 and continues an interrupted stage. A stage's own keys win over --set and flags such as
 --epochs. Examples: recipes/configs/demo_stages.yaml, first_place_stages.yaml,
-tenth_place_stages.yaml. Other architectures: --set model.arch=fpn|deeplabv3plus|unetplusplus|
+tenth_place_stages.yaml.
+
+Pseudo labels: --set pseudo.dir=DIR (the folder of a finished pseudo-label filter, OUT/pseudo
+of recipes/pseudo_chexpert.py, --filter-only to stop there) trains on the SIIM fold plus its
+pseudo labels at pseudo.ratio (default 0.5), soft ones too (with loss.name=soft_bce): in a
+stage, that is the 10th place's soft-pseudo stage. A stage whose folder does not exist yet
+stops with a message; write it, then --resume.
+
+Other architectures: --set model.arch=fpn|deeplabv3plus|unetplusplus|
 unet; --set model.freeze_bn=all freezes BatchNorm (the 4th place).
 
 Outputs in --out: config.yaml, last.pt (full state, with the EMA's; --resume continues from
-it), checkpoints/best-epochNNN.pt (top-k model weights by validation Dice; with an EMA also
-checkpoints/ema_best-epochNNN.pt), metrics.csv (one row per epoch), curves.png (loss,
-validation Dice split, learning rate), tensorboard/ (when installed).
+it), checkpoints/best-epochNNN.pt (top-k model weights by validation Dice, NNN the epoch
+number the log prints, from 001; with an EMA also checkpoints/ema_best-epochNNN.pt),
+metrics.csv (one row per epoch), curves.png (loss, validation Dice split, learning rate),
+tensorboard/ (when installed).
 
 Examples:
   python recipes/train_supervised.py                               # demo data, demo preset
@@ -83,6 +92,7 @@ from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.distributed import destroy_distributed
 from ssl_ptx.engine.ema_callback import build_ema_callback
 from ssl_ptx.engine.loaders import build_fold_loaders
+from ssl_ptx.engine.pseudo_data import build_training_stream
 from ssl_ptx.engine.stages import run_stages, stage_configs
 from ssl_ptx.losses import build_loss
 from ssl_ptx.models import create_model
@@ -158,6 +168,15 @@ def fit_run(
         seed=config.trainer.seed,
         context=context,
     )
+    if config.pseudo.dir is not None:  # SIIM + pseudo labels (the 10th place's soft stage)
+        train_loader = build_training_stream(
+            config,
+            train_set,
+            progress=progress,
+            world_size=context.world_size,
+            rank=context.rank,
+            pin_memory=context.device.type == "cuda",
+        )
     model = create_model(config_to_dict(config.model))
     if init_weights is not None:
         load_weights(model, init_weights)
@@ -177,6 +196,8 @@ def fit_run(
             f"{len(train_set)} images, validating on {len(val_set)} (fold {config.data.fold}), "
             f"{context.world_size} process(es) on {trainer.device}"
         )
+        if config.pseudo.dir is not None:
+            print(f"with the pseudo labels of {config.pseudo.dir}: {train_loader.sampler!r}")
     result = trainer.fit(train_loader, val_loader, resume=resume)
     if context.is_main:
         _print_split(f"last epoch ({result.epochs})", result.metrics)
@@ -202,10 +223,13 @@ def main(argv: list[str] | None = None) -> FitResult:
             stage_configs(config)  # every stage's keys checked before training starts
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    if config.stages:
-        result = run_stages(config, fit_run, resume=resume is not None)[-1]
-    else:
-        result = fit_run(config, resume=resume)
+    try:
+        if config.stages:
+            result = run_stages(config, fit_run, resume=resume is not None)[-1]
+        else:
+            result = fit_run(config, resume=resume)
+    except FileNotFoundError as error:  # e.g. a stage's pseudo.dir not written yet
+        raise SystemExit(f"error: {error}") from None
     destroy_distributed()
     return result
 

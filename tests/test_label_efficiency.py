@@ -73,6 +73,11 @@ def _fake_finished_run(folder: Path, config, epochs: int) -> None:
     (folder / "metrics.csv").write_text(header + rows)
 
 
+def resolved_config_of(study_module, study, kind: str):
+    run = study_module.Run(kind, 0.25, 0)
+    return study_module.resolved_config(run, study.argv(run))
+
+
 def test_adopts_only_a_finished_run_of_the_same_config(study_module, demo_root, tmp_path) -> None:
     args = _args(study_module, demo_root, tmp_path / "out", "--steps", "12", "--batch-size", "4")
     study = study_module.Study(args)
@@ -85,6 +90,8 @@ def test_adopts_only_a_finished_run_of_the_same_config(study_module, demo_root, 
     _fake_finished_run(earlier / "b-same", moved, epochs)
     other = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, lr=9.0))
     _fake_finished_run(earlier / "a-other-lr", other, epochs)
+    mean_teacher_config = resolved_config_of(study_module, study, "mean_teacher")
+    _fake_finished_run(earlier / "0-mean-teacher", mean_teacher_config, epochs)  # read first
     unfinished = earlier / "c-unfinished"
     _fake_finished_run(unfinished, config, epochs - 1)
 
@@ -93,7 +100,7 @@ def test_adopts_only_a_finished_run_of_the_same_config(study_module, demo_root, 
     assert study.run_dir(run).resolve() == (earlier / "b-same").resolve()
     assert len(read_metrics_csv(study.run_dir(run) / "metrics.csv")) == epochs
     mean_teacher = study_module.Run("mean_teacher", 0.25, 0)
-    assert study_module.adopt(study, mean_teacher, [earlier]) is None  # another recipe's config
+    assert study_module.adopt(study, mean_teacher, [earlier]) == earlier / "0-mean-teacher"
 
 
 def test_report_block_replaces_only_its_own_part(study_module, tmp_path) -> None:

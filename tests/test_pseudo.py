@@ -20,6 +20,7 @@ from ssl_ptx.data import rle
 from ssl_ptx.data.manifest import MANIFEST_COLUMNS
 from ssl_ptx.engine.checkpoint import load_checkpoint
 from ssl_ptx.engine.logging import read_metrics_csv
+from ssl_ptx.engine.pseudo_data import build_training_stream
 from ssl_ptx.inference import Predictor
 from ssl_ptx.pseudo import (
     ConfidenceBand,
@@ -333,12 +334,20 @@ def test_recipe_end_to_end_tiny_and_resume(demo_root: Path, tmp_path: Path) -> N
     config, _ = mean_teacher.build_config(
         mean_teacher.parse_args([*argv, "--pseudo", str(out / "pseudo")])
     )
-    loader = mean_teacher.build_labelled_loader(config, None, progress=False)
+    loader = build_training_stream(config, None, progress=False)
     n_siim = len(loader.dataset.datasets[0])
     assert any(index >= n_siim for index in loader.sampler)  # pseudo images are drawn
     runs = {"student": out, "mt": tmp_path / "mt"}
     steps = {name: read_metrics_csv(run / "metrics.csv")[-1]["step"] for name, run in runs.items()}
     assert steps["mt"] == steps["student"]
+    # a supervised run (or stage) on SIIM + pseudo labels draws the same batches; a folder
+    # that is not a filter's output stops it with a message
+    supervised = _load_recipe("train_supervised")
+    argv = _tiny_recipe_argv(demo_root, tmp_path / "sup", tmp_path / "cache")
+    with pytest.raises(SystemExit, match="pseudo_manifest.csv does not exist"):
+        supervised.main([*argv, "--set", f"pseudo.dir={tmp_path}"])
+    supervised.main([*argv, "--set", f"pseudo.dir={out / 'pseudo'}"])
+    assert read_metrics_csv(tmp_path / "sup" / "metrics.csv")[-1]["step"] == steps["student"]
     assert load_checkpoint(tmp_path / "mt" / "last.pt")["config"]["pseudo"] == {
         "dir": str(out / "pseudo"),
         "ratio": 0.5,

@@ -162,10 +162,11 @@ def test_example_configs_load_over_both_presets() -> None:
         (1024, 1e-6, 0.4),
     ]
     tenth = stage_configs(load_config(CONFIGS / "tenth_place_stages.yaml", base=preset("full")))
-    assert [(c.data.size, c.loss.name) for c in tenth] == [
-        (512, "bce_dice"),
-        (1024, "bce_dice"),
-        (1024, "symmetric_lovasz"),
+    assert [(c.data.size, c.loss.name, c.pseudo.dir) for c in tenth] == [
+        (512, "bce_dice", None),
+        (1024, "bce_dice", None),
+        (1024, "soft_bce", "runs/tenth_place_soft/pseudo"),  # SIIM + soft pseudo labels
+        (1024, "symmetric_lovasz", None),
     ]
 
 

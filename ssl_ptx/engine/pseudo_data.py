@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from ssl_ptx.config import ConfigError, DataConfig
+from ssl_ptx.config import ConfigError, DataConfig, TrainConfig
 from ssl_ptx.data import rle
 from ssl_ptx.data.cache import CacheReader, manifest_fingerprint
 from ssl_ptx.data.datasets import SegmentationDataset
@@ -38,9 +38,10 @@ from ssl_ptx.engine.data import (
     build_siim_datasets,
     manifest_cache_path,
 )
+from ssl_ptx.engine.loaders import build_train_loader
 from ssl_ptx.losses import IGNORE_TARGET
 from ssl_ptx.lung_crop import Box, crop, crop_mask
-from ssl_ptx.pseudo import SoftMaps
+from ssl_ptx.pseudo import SoftMaps, read_pseudo_manifest
 
 __all__ = [
     "IgnoreBandDataset",
@@ -49,6 +50,7 @@ __all__ = [
     "build_pseudo_datasets",
     "bands_of",
     "build_pseudo_train_loader",
+    "build_training_stream",
     "soft_maps_of",
 ]
 
@@ -324,3 +326,38 @@ def build_pseudo_train_loader(
         generator=generator,
         persistent_workers=False,
     )
+
+
+def build_training_stream(
+    config: TrainConfig,
+    labelled: Dataset,
+    *,
+    progress: bool = True,
+    world_size: int = 1,
+    rank: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The labelled training stream of a run: ``labelled`` (the SIIM training images with
+    masks) alone, or, when ``config.pseudo.dir`` names a finished filter's folder, the SIIM
+    training fold of ``config.data`` plus its pseudo labels at ``config.pseudo.ratio``
+    (:func:`build_pseudo_datasets`, :func:`build_pseudo_train_loader`).
+
+    Raises:
+        FileNotFoundError: ``pseudo.dir`` holds no ``pseudo_manifest.csv``.
+    """
+    options = {
+        "epochs": config.trainer.epochs,
+        "seed": config.trainer.seed,
+        "world_size": world_size,
+        "rank": rank,
+        "pin_memory": pin_memory,
+    }
+    if config.pseudo.dir is None:
+        return build_train_loader(labelled, config.data, **options)
+    datasets = build_pseudo_datasets(
+        config.data,
+        read_pseudo_manifest(config.pseudo.dir),
+        in_channels=config.model.in_channels,
+        progress=progress,
+    )
+    return build_pseudo_train_loader(datasets, config.data, ratio=config.pseudo.ratio, **options)
