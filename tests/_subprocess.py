@@ -33,9 +33,30 @@ __all__ = [
     "python_command",
     "recipe_command",
     "run_until",
+    "sets",
+    "tiny_run_args",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def sets(values: Sequence[str]) -> list[str]:
+    """``--set VALUE`` for each of ``values``."""
+    return [option for value in values for option in ("--set", value)]
+
+
+def tiny_run_args(
+    demo_root: Path, out_dir: Path, epochs: int, settings: Sequence[str]
+) -> list[str]:
+    """Arguments of a CPU run of a training recipe on ``demo_root``'s SIIM images into
+    ``out_dir``, without progress bars, with ``settings`` as ``--set`` options."""
+    return [
+        *("--siim-dir", str(demo_root / "siim"), "--out", str(out_dir), "--device", "cpu"),
+        *("--epochs", str(epochs), "--no-progress"),
+        *sets(settings),
+    ]
+
+
 #: the line a child killed by :func:`kill_in_atomic_write` prints just before it dies
 KILL_MARK = "KILLED-IN-ATOMIC-WRITE"
 _DISTRIBUTED_ENV = (

@@ -36,6 +36,8 @@ from _subprocess import (
     python_command,
     recipe_command,
     run_until,
+    sets,
+    tiny_run_args,
 )
 
 from ssl_ptx.data.cache import main as cache_main
@@ -67,24 +69,9 @@ def _load_recipe(name: str) -> Any:
     return module
 
 
-def _sets(values: list[str]) -> list[str]:
-    return [option for value in values for option in ("--set", value)]
-
-
 def _recipe_args(name: str, demo_root: Path, cache_dir: Path, out_dir: Path) -> list[str]:
     """Command-line arguments of a tiny run of recipe ``name`` into ``out_dir``."""
-    args = [
-        "--siim-dir",
-        str(demo_root / "siim"),
-        "--out",
-        str(out_dir),
-        "--device",
-        "cpu",
-        "--epochs",
-        str(EPOCHS),
-        "--no-progress",
-        *_sets([*SMALL_RUN, f"data.cache_dir={cache_dir}"]),
-    ]
+    args = tiny_run_args(demo_root, out_dir, EPOCHS, [*SMALL_RUN, f"data.cache_dir={cache_dir}"])
     if name == "train_supervised":
         return [*args, "--ema", "0.9"]
     return [
@@ -94,7 +81,7 @@ def _recipe_args(name: str, demo_root: Path, cache_dir: Path, out_dir: Path) -> 
         "--labelled-fraction",
         "0.5",
         # 2 labelled images per step: enough steps per epoch to be killed in the middle of one
-        *_sets(["data.batch_size=2", "unlabelled.batch_size=2", "unlabelled.nih_max_images=16"]),
+        *sets(["data.batch_size=2", "unlabelled.batch_size=2", "unlabelled.nih_max_images=16"]),
     ]
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _subprocess import ROOT, child_env, recipe_command, run_until
+from _subprocess import ROOT, child_env, recipe_command, run_until, tiny_run_args
 
 from ssl_ptx.config import (
     MEAN_TEACHER_PRESETS,
@@ -105,25 +105,10 @@ SETTINGS = {
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _sets(values: list[str]) -> list[str]:
-    return [option for value in values for option in ("--set", value)]
-
-
 def _args(name: str, demo_root: Path, cache_dir: Path, out_dir: Path, processes: int) -> list[str]:
     shared, two, one = SETTINGS[name]
-    args = [
-        "--siim-dir",
-        str(demo_root / "siim"),
-        "--out",
-        str(out_dir),
-        "--device",
-        "cpu",
-        "--epochs",
-        str(EPOCHS),
-        "--no-progress",
-        *_sets([*COMMON, *shared, *(two if processes == 2 else one)]),
-        *_sets([f"data.cache_dir={cache_dir}"]),
-    ]
+    settings = [*COMMON, *shared, *(two if processes == 2 else one), f"data.cache_dir={cache_dir}"]
+    args = tiny_run_args(demo_root, out_dir, EPOCHS, settings)
     if name == "mean_teacher_nih":
         args += ["--nih-dir", str(demo_root / "nih"), "--labelled-fraction", "0.5"]
     return args
