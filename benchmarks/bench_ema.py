@@ -14,25 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import seconds
 from timm.utils.model_ema import ModelEmaV3
 
 from ssl_ptx.ema import ModelEMA
 from ssl_ptx.models import create_model
-
-
-def update_seconds(update: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    update()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for round_ in range(args.repeats + 2):  # two warm-up rounds
             torch._foreach_add_(params, 1e-4)
-            t_ours = update_seconds(lambda: ours.update(model), device)
-            t_timm = update_seconds(lambda: timm_ema.update(model), device)
+            t_ours = seconds(lambda: ours.update(model), device)
+            t_timm = seconds(lambda: timm_ema.update(model), device)
             if round_ >= 2:
                 times["ssl_ptx"].append(t_ours)
                 times["timm"].append(t_timm)

@@ -21,12 +21,12 @@ import argparse
 import importlib.util
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import seconds
 from segmentation_models_pytorch.losses import LovaszLoss
 
 from ssl_ptx.data.demo import real_siim_shapes
@@ -58,13 +58,8 @@ def smp_symmetric_lovasz() -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 def _time_backward(loss_fn, z: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Seconds for one forward + backward, and the gradient."""
     z = z.detach().requires_grad_()
-    if z.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    loss_fn(z, y).backward()
-    if z.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, z.grad
+    elapsed = seconds(lambda: loss_fn(z, y).backward(), z.device)
+    return elapsed, z.grad
 
 
 def compare(z: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, float]:

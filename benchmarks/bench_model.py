@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
+from _timing import seconds
 from torch import nn
 
 from ssl_ptx.models import create_model
@@ -28,13 +28,7 @@ WARMUP_STEPS = 2  # the first CPU steps also build oneDNN kernels
 def step_seconds(model: nn.Module, x: torch.Tensor) -> float:
     """Seconds of one training step: forward, mean-logit loss, backward."""
     model.zero_grad(set_to_none=True)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model(x).mean().backward()
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return seconds(lambda: model(x).mean().backward(), x.device)
 
 
 def main(argv: list[str] | None = None) -> dict:

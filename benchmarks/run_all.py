@@ -301,14 +301,8 @@ def _synchronised_seconds(fn: Callable[[], object], device: torch.device, repeat
     """Seconds for ``repeats`` calls of ``fn`` after two warm-up calls."""
     for _ in range(2):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    timing = load_benchmark("_timing")
+    return timing.seconds(lambda: [fn() for _ in range(repeats)], device)
 
 
 def gpu_figures(

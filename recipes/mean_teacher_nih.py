@@ -69,7 +69,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import pandas as pd
@@ -80,7 +79,9 @@ from ssl_ptx.cli import (
     add_config_arguments,
     add_resume_argument,
     add_run_arguments,
+    configure_logging,
     resolve_config,
+    start_process,
 )
 from ssl_ptx.config import (
     MEAN_TEACHER_PRESETS,
@@ -95,8 +96,6 @@ from ssl_ptx.engine import (
     MeanTeacherTrainer,
     build_ema_callback,
     export_best,
-    init_distributed,
-    seed_everything,
 )
 from ssl_ptx.engine.data import build_semi_datasets, ensure_demo_root, select_unlabelled
 from ssl_ptx.engine.distributed import destroy_distributed
@@ -229,14 +228,12 @@ def _report(metrics: dict, exported: ExportedModel, out_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> ExportedModel:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config, resume = build_config(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    context = init_distributed(config.trainer.device)
-    seed_everything(config.trainer.seed)
-    progress = config.trainer.progress and context.is_main
+    context, progress = start_process(config.trainer)
     data = config.data
     if data.siim_dir is None:  # the demo root holds the NIH images too
         ensure_demo_root(

@@ -45,13 +45,13 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ssl_ptx.cli import configure_logging
 from ssl_ptx.data import rle
 from ssl_ptx.data.cache import write_skipped_csv
 from ssl_ptx.data.images import read_image
@@ -266,7 +266,7 @@ def write_pictures(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     progress = not args.no_progress
     entries = expand_checkpoints(args.checkpoints)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

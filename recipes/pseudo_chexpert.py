@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +72,14 @@ from typing import Any
 import pandas as pd
 
 from external_data import chexpert, nih
-from ssl_ptx.cli import LAST_NAME, add_config_arguments, add_run_arguments, resolve_config
+from ssl_ptx.cli import (
+    LAST_NAME,
+    add_config_arguments,
+    add_run_arguments,
+    configure_logging,
+    resolve_config,
+    start_process,
+)
 from ssl_ptx.config import (
     ConfigError,
     TrainConfig,
@@ -81,7 +87,7 @@ from ssl_ptx.config import (
     preset,
     save_config,
 )
-from ssl_ptx.engine import CheckpointError, Trainer, init_distributed, seed_everything
+from ssl_ptx.engine import CheckpointError, Trainer, seed_everything
 from ssl_ptx.engine.data import build_siim_datasets, ensure_demo_root
 from ssl_ptx.engine.distributed import barrier, destroy_distributed
 from ssl_ptx.engine.ema_callback import ExportedModel, build_ema_callback, export_best
@@ -244,14 +250,7 @@ def train_teacher(config: TrainConfig, context: Any, progress: bool, resume: boo
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    train_loader, val_loader = build_fold_loaders(
-        train_set,
-        val_set,
-        config.data,
-        epochs=config.trainer.epochs,
-        seed=config.trainer.seed,
-        context=context,
-    )
+    train_loader, val_loader = build_fold_loaders(train_set, val_set, config, context)
     if context.is_main:
         print(f"teacher: {len(train_set)} SIIM training images, {config.trainer.epochs} epochs")
     trainer = _fit(config, train_loader, val_loader, context, resume)
@@ -296,14 +295,12 @@ def run_filter(
 def main(argv: list[str] | None = None) -> PseudoRun | None:
     """Run the four steps (None with --filter-only, which stops after the filter)."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config = build_config(args)
     except (ConfigError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    context = init_distributed(config.trainer.device)
-    seed_everything(config.trainer.seed)
-    progress = config.trainer.progress and context.is_main
+    context, progress = start_process(config.trainer)
     out_dir = Path(config.out_dir)
     if config.data.siim_dir is None:
         ensure_demo_root(

@@ -42,7 +42,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from ssl_ptx.classifier import (
@@ -51,9 +50,16 @@ from ssl_ptx.classifier import (
     ClassifierTrainConfig,
     load_segmentation_encoder,
 )
-from ssl_ptx.cli import add_config_arguments, add_resume_argument, add_run_arguments, resolve_config
+from ssl_ptx.cli import (
+    add_config_arguments,
+    add_resume_argument,
+    add_run_arguments,
+    configure_logging,
+    resolve_config,
+    start_process,
+)
 from ssl_ptx.config import ConfigError, config_to_dict, save_config
-from ssl_ptx.engine import CheckpointError, Trainer, init_distributed, seed_everything
+from ssl_ptx.engine import CheckpointError, Trainer
 from ssl_ptx.engine.data import build_siim_datasets, ensure_demo_root
 from ssl_ptx.engine.distributed import destroy_distributed
 from ssl_ptx.engine.ema_callback import ExportedModel, export_best
@@ -106,14 +112,12 @@ def build_config(args: argparse.Namespace) -> tuple[ClassifierTrainConfig, Path 
 
 def main(argv: list[str] | None = None) -> ExportedModel:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config, resume = build_config(args)
     except (ConfigError, CheckpointError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    context = init_distributed(config.trainer.device)
-    seed_everything(config.trainer.seed)
-    progress = config.trainer.progress and context.is_main
+    context, progress = start_process(config.trainer)
     if config.data.siim_dir is None:
         ensure_demo_root(
             config.data.demo_dir,
@@ -124,14 +128,7 @@ def main(argv: list[str] | None = None) -> ExportedModel:
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    train_loader, val_loader = build_fold_loaders(
-        train_set,
-        val_set,
-        config.data,
-        epochs=config.trainer.epochs,
-        seed=config.trainer.seed,
-        context=context,
-    )
+    train_loader, val_loader = build_fold_loaders(train_set, val_set, config, context)
     model = create_model(config_to_dict(config.model))
     if config.encoder_init is not None and resume is None:
         try:

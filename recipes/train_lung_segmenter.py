@@ -43,7 +43,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from torch import nn
@@ -52,7 +51,9 @@ from ssl_ptx.cli import (
     add_config_arguments,
     add_resume_argument,
     add_run_arguments,
+    configure_logging,
     resolve_config,
+    start_process,
 )
 from ssl_ptx.config import (
     LUNG_PRESETS,
@@ -64,8 +65,6 @@ from ssl_ptx.config import (
 from ssl_ptx.engine import (
     CheckpointError,
     Trainer,
-    init_distributed,
-    seed_everything,
 )
 from ssl_ptx.engine.distributed import destroy_distributed
 from ssl_ptx.engine.loaders import build_fold_loaders
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     """Train, evaluate on the held-out fold and save; returns the lung checkpoint's path
     (None on other DDP ranks)."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config, resume = build_config(args)
         settings = {
@@ -185,20 +184,11 @@ def main(argv: list[str] | None = None) -> Path | None:
             raise ConfigError(f"--sheet-images must be >= 1, got {args.sheet_images}")
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    context = init_distributed(config.trainer.device)
-    seed_everything(config.trainer.seed)
-    progress = config.trainer.progress and context.is_main
+    context, progress = start_process(config.trainer)
     train_set, val_set, manifest = build_lung_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    train_loader, val_loader = build_fold_loaders(
-        train_set,
-        val_set,
-        config.data,
-        epochs=config.trainer.epochs,
-        seed=config.trainer.seed,
-        context=context,
-    )
+    train_loader, val_loader = build_fold_loaders(train_set, val_set, config, context)
     model = create_model(config_to_dict(config.model))
     trainer = Trainer(
         model,

@@ -63,14 +63,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from ssl_ptx.cli import (
     add_config_arguments,
     add_resume_argument,
     add_run_arguments,
+    configure_logging,
     resolve_config,
+    start_process,
 )
 from ssl_ptx.config import (
     PRESETS,
@@ -83,10 +84,8 @@ from ssl_ptx.engine import (
     CheckpointError,
     FitResult,
     Trainer,
-    init_distributed,
     load_checkpoint,
     load_weights,
-    seed_everything,
 )
 from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.distributed import destroy_distributed
@@ -154,20 +153,11 @@ def fit_run(
 ) -> FitResult:
     """Train one run (or one stage) of ``config``: from ``init_weights`` (a checkpoint's model
     weights) when given, continuing ``resume`` (a ``last.pt``) when given."""
-    context = init_distributed(config.trainer.device)
-    seed_everything(config.trainer.seed)
-    progress = config.trainer.progress and context.is_main
+    context, progress = start_process(config.trainer)
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    train_loader, val_loader = build_fold_loaders(
-        train_set,
-        val_set,
-        config.data,
-        epochs=config.trainer.epochs,
-        seed=config.trainer.seed,
-        context=context,
-    )
+    train_loader, val_loader = build_fold_loaders(train_set, val_set, config, context)
     if config.pseudo.dir is not None:  # SIIM + pseudo labels (the 10th place's soft stage)
         train_loader = build_training_stream(
             config,
@@ -216,7 +206,7 @@ def fit_run(
 def main(argv: list[str] | None = None) -> FitResult:
     """Train as the command line says; a staged config returns its last stage's result."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         config, resume = build_config(args)
         if config.stages:

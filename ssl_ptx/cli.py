@@ -17,18 +17,23 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ssl_ptx.config import apply_overrides, config_from_dict, load_config
+from ssl_ptx.config import TrainerConfig, apply_overrides, config_from_dict, load_config
+from ssl_ptx.engine.distributed import DistributedContext, init_distributed
+from ssl_ptx.engine.rng import seed_everything
 
 __all__ = [
     "add_config_arguments",
     "add_resume_argument",
     "add_run_arguments",
+    "configure_logging",
     "flag_overrides",
     "resolve_config",
+    "start_process",
 ]
 
 ConfigT = TypeVar("ConfigT")
@@ -152,3 +157,21 @@ def resolve_config(
         config = load_config(args.config, base=config)
     overrides = [*args.overrides, *extra_overrides, *flag_overrides(args, flag_keys)]
     return apply_overrides(config, overrides), resume
+
+
+def configure_logging() -> None:
+    """Log INFO and above to stderr as ``time LEVEL message`` (every recipe's log lines)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+
+def start_process(trainer: TrainerConfig) -> tuple[DistributedContext, bool]:
+    """Start this process's part of a run: join the ``torchrun`` process group (or run as
+    one process) on ``trainer.device``, seed Python, NumPy and torch with ``trainer.seed``.
+
+    Returns:
+        ``(context, progress)``: where the process sits (rank, world size, device) and
+        whether it shows progress bars (``trainer.progress``, on rank 0 only).
+    """
+    context = init_distributed(trainer.device)
+    seed_everything(trainer.seed)
+    return context, trainer.progress and context.is_main

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, Sampler
 
-from ssl_ptx.config import ConfigError, DataConfig
+from ssl_ptx.config import ConfigError, DataConfig, TrainConfig
 from ssl_ptx.data.samplers import ConstantSchedule, LinearSchedule, PositiveRateSampler
 from ssl_ptx.engine.rng import derive_seed
 
@@ -163,23 +163,31 @@ def build_val_loader(
 
 
 def build_fold_loaders(
-    train_set: Dataset,
-    val_set: Dataset,
-    config: DataConfig,
-    *,
-    epochs: int,
-    seed: int,
-    context: Any,
+    train_set: Dataset, val_set: Dataset, config: TrainConfig, context: Any
 ) -> tuple[DataLoader, DataLoader]:
-    """The training and validation loaders of one fold for this process: rank and world size
-    from ``context`` (an :class:`~ssl_ptx.engine.distributed.DistributedContext`), pinned
-    memory on CUDA; see :func:`build_train_loader` and :func:`build_val_loader`."""
+    """The training and validation loaders of one fold for this process.
+
+    Args:
+        train_set / val_set: the fold's datasets.
+        config: the run config (any :class:`~ssl_ptx.config.TrainConfig`): its ``data``
+            section and the ``trainer``'s ``epochs`` (for schedules over the run) and
+            ``seed``.
+        context: an :class:`~ssl_ptx.engine.distributed.DistributedContext` (rank, world
+            size; memory is pinned on CUDA).
+
+    See :func:`build_train_loader` and :func:`build_val_loader`.
+    """
     layout = {"world_size": context.world_size, "rank": context.rank}
     pin = context.device.type == "cuda"
     train_loader = build_train_loader(
-        train_set, config, epochs=epochs, seed=seed, pin_memory=pin, **layout
+        train_set,
+        config.data,
+        epochs=config.trainer.epochs,
+        seed=config.trainer.seed,
+        pin_memory=pin,
+        **layout,
     )
-    return train_loader, build_val_loader(val_set, config, pin_memory=pin, **layout)
+    return train_loader, build_val_loader(val_set, config.data, pin_memory=pin, **layout)
 
 
 def loader_sampler(loader: DataLoader) -> Any:
