@@ -40,7 +40,10 @@ __all__ = [
     "load_loader_state",
     "loader_sampler",
     "loader_state",
+    "per_rank_batch",
+    "positive_rate_schedule",
     "reseed_loader",
+    "sampled_train_loader",
     "set_loader_epoch",
 ]
 
@@ -66,7 +69,12 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.num_replicas))
 
 
-def _per_rank_batch(batch_size: int, world_size: int, key: str = "data.batch_size") -> int:
+def per_rank_batch(batch_size: int, world_size: int, key: str = "data.batch_size") -> int:
+    """Each process's share of the global batch ``batch_size`` (the config value ``key``).
+
+    Raises:
+        ssl_ptx.config.ConfigError: it does not divide evenly over ``world_size`` processes.
+    """
     if batch_size % world_size:
         raise ConfigError(
             f"{key}={batch_size} is the global batch and must divide evenly over "
@@ -105,16 +113,8 @@ def build_train_loader(
         world_size, rank: the DDP layout.
         pin_memory: pin host memory (when training on CUDA).
     """
-    per_rank = _per_rank_batch(config.batch_size, world_size)
-    if config.positive_rate is not None:
-        if config.positive_rate_end is None:
-            schedule = ConstantSchedule(config.positive_rate)
-        else:
-            schedule = LinearSchedule(
-                config.positive_rate,
-                config.positive_rate_end,
-                config.positive_rate_epochs or epochs,
-            )
+    schedule = positive_rate_schedule(config, epochs)
+    if schedule is not None:
         sampler: Sampler[int] = PositiveRateSampler(
             dataset.labels,
             schedule,
@@ -127,11 +127,45 @@ def build_train_loader(
         sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
+    return sampled_train_loader(
+        dataset, sampler, config, world_size=world_size, seed=seed, pin_memory=pin_memory
+    )
+
+
+def positive_rate_schedule(
+    config: DataConfig, epochs: int
+) -> ConstantSchedule | LinearSchedule | None:
+    """The share of positive images per epoch that ``config`` asks for: constant
+    ``positive_rate``, or linear from it to ``positive_rate_end`` over
+    ``positive_rate_epochs`` (default: ``epochs``, the whole run); None without a
+    ``positive_rate`` (every image once)."""
+    if config.positive_rate is None:
+        return None
+    if config.positive_rate_end is None:
+        return ConstantSchedule(config.positive_rate)
+    return LinearSchedule(
+        config.positive_rate, config.positive_rate_end, config.positive_rate_epochs or epochs
+    )
+
+
+def sampled_train_loader(
+    dataset: Dataset,
+    sampler: Sampler[int],
+    config: DataConfig,
+    *,
+    world_size: int,
+    seed: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """A training DataLoader over ``dataset`` drawn by ``sampler`` (which shards by rank):
+    per-process batch ``config.batch_size / world_size``, the last incomplete batch dropped,
+    ``config.num_workers`` non-persistent workers (so that :func:`reseed_loader` reaches them
+    every epoch), the loader's generator seeded by ``seed``."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
-        batch_size=per_rank,
+        batch_size=per_rank_batch(config.batch_size, world_size),
         sampler=sampler,
         num_workers=config.num_workers,
         pin_memory=pin_memory,
@@ -151,7 +185,7 @@ def build_val_loader(
 ) -> DataLoader:
     """The validation DataLoader: every image once over all processes (:class:`ShardSampler`),
     batch ``config.val_batch_size`` (default: the per-process training batch)."""
-    batch = config.val_batch_size or _per_rank_batch(config.batch_size, world_size)
+    batch = config.val_batch_size or per_rank_batch(config.batch_size, world_size)
     return DataLoader(
         dataset,
         batch_size=batch,
@@ -435,7 +469,7 @@ def build_two_stream_loader(
         world_size, rank: the DDP layout.
         pin_memory: pin host memory (when training on CUDA).
     """
-    per_rank = _per_rank_batch(batch_size, world_size, "unlabelled.batch_size")
+    per_rank = per_rank_batch(batch_size, world_size, "unlabelled.batch_size")
     sampler = UnlabelledStreamSampler(
         len(unlabelled), batch_size=per_rank, seed=seed, num_replicas=world_size, rank=rank
     )

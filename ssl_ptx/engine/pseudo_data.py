@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from ssl_ptx.config import ConfigError, DataConfig, TrainConfig
@@ -31,14 +30,17 @@ from ssl_ptx.data.cache import CacheReader, manifest_fingerprint
 from ssl_ptx.data.datasets import SegmentationDataset
 from ssl_ptx.data.images import resize_image, resize_mask
 from ssl_ptx.data.mixing import RatioMixSampler
-from ssl_ptx.data.samplers import ConstantSchedule, LinearSchedule
 from ssl_ptx.engine.data import (
     _transforms,
     build_cached_dataset,
     build_siim_datasets,
     manifest_cache_path,
 )
-from ssl_ptx.engine.loaders import build_train_loader
+from ssl_ptx.engine.loaders import (
+    build_train_loader,
+    positive_rate_schedule,
+    sampled_train_loader,
+)
 from ssl_ptx.losses import IGNORE_TARGET
 from ssl_ptx.lung_crop import Box, crop, crop_mask
 from ssl_ptx.pseudo import SoftMaps, read_pseudo_manifest
@@ -291,40 +293,17 @@ def build_pseudo_train_loader(
         world_size, rank: the DDP layout.
         pin_memory: pin host memory (when training on CUDA).
     """
-    if config.batch_size % world_size:
-        raise ConfigError(
-            f"data.batch_size={config.batch_size} is the global batch and must divide evenly "
-            f"over {world_size} processes"
-        )
-    rate = None
-    if config.positive_rate is not None:
-        rate = ConstantSchedule(config.positive_rate)
-        if config.positive_rate_end is not None:
-            rate = LinearSchedule(
-                config.positive_rate,
-                config.positive_rate_end,
-                config.positive_rate_epochs or epochs,
-            )
     sampler = RatioMixSampler(
         datasets.siim.labels,
         datasets.pseudo.labels,
         ratio,
-        positive_rate=rate,
+        positive_rate=positive_rate_schedule(config, epochs),
         seed=seed,
         num_replicas=world_size,
         rank=rank,
     )
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        datasets.train,
-        batch_size=config.batch_size // world_size,
-        sampler=sampler,
-        num_workers=config.num_workers,
-        pin_memory=pin_memory,
-        drop_last=True,
-        generator=generator,
-        persistent_workers=False,
+    return sampled_train_loader(
+        datasets.train, sampler, config, world_size=world_size, seed=seed, pin_memory=pin_memory
     )
 
 
