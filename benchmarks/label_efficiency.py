@@ -35,7 +35,8 @@ the labelled fraction per arm; each run's wall time.
 Finished runs are kept: a run is reused when its record (``records/<run>.json``) holds the same
 arguments, an interrupted one resumes from its ``last.pt``, and ``--adopt DIR`` takes finished
 runs of the earlier evidence scripts whose resolved config is this study's (apart from output
-and cache folders) instead of training them again.
+and cache folders; a pseudo run also needs the study's teacher, ratio and filter settings, as
+its summary.json records them) instead of training them again.
 
 Writes ``<out>/label_efficiency.json``, ``<out>/label_efficiency.md``, the plot
 ``<out>/label_efficiency.png`` and, unless ``--quick`` or ``--docs none``, the block between
@@ -71,6 +72,7 @@ from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.loaders import build_train_loader
 from ssl_ptx.engine.logging import read_metrics_csv
 from ssl_ptx.fileio import atomic_path, atomic_write_bytes
+from ssl_ptx.pseudo import published_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN_MARKER = "<!-- label_efficiency:begin -->"
@@ -241,15 +243,29 @@ def comparable(config: Any) -> dict[str, Any]:
     return values
 
 
+def study_filter_settings(study: Study) -> dict[str, Any]:
+    """What a pseudo run's filter audit (``summary.json`` → ``pseudo.settings``) records when
+    ``pseudo_chexpert.py`` runs with the study's arguments: the published rules at their
+    defaults, no confidence band, hard labels, at the study's size."""
+    rules = [repr(rule) for rule in published_rules()]
+    return {"rules": rules, "size": study.args.size, "band": repr(None), "soft": False}
+
+
 def _pseudo_matches(study: Study, run: Run, candidate: Path) -> bool:
-    """A candidate pseudo run used this study's ratio and (adopted) teacher."""
+    """A candidate pseudo run used this study's ratio, (adopted) teacher and filter: the same
+    rules, band, soft/hard labels and size, over CheXpert alone."""
     summary_path = candidate / "summary.json"
     if not summary_path.exists():
         return False
     summary = json.loads(summary_path.read_text())
     teacher = study.run_dir(Run("supervised", run.fraction, run.seed)) / "last.pt"
     same_teacher = Path(summary["teacher"]).resolve() == teacher.resolve()
-    return summary.get("ratio") == study.args.ratio and same_teacher
+    audit = summary.get("pseudo", {})
+    wanted = study_filter_settings(study)
+    recorded = {"soft": False, **audit.get("settings", {})}  # older filters: hard labels only
+    settings = {key: recorded.get(key) for key in wanted}
+    same_filter = settings == wanted and set(audit.get("counts", {})) == {"chexpert"}
+    return summary.get("ratio") == study.args.ratio and same_teacher and same_filter
 
 
 def adopt(study: Study, run: Run, folders: Iterable[Path]) -> Path | None:

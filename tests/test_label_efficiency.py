@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -101,6 +102,38 @@ def test_adopts_only_a_finished_run_of_the_same_config(study_module, demo_root, 
     assert len(read_metrics_csv(study.run_dir(run) / "metrics.csv")) == epochs
     mean_teacher = study_module.Run("mean_teacher", 0.25, 0)
     assert study_module.adopt(study, mean_teacher, [earlier]) == earlier / "0-mean-teacher"
+
+
+def _fake_pseudo_run(folder: Path, config, epochs: int, teacher: Path, **audit) -> None:
+    _fake_finished_run(folder, config, epochs)
+    summary = {"teacher": str(teacher), "ratio": 0.5, "pseudo": audit}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_adopts_a_pseudo_run_only_with_the_studys_filter(study_module, demo_root, tmp_path) -> None:
+    """Same config, ratio and teacher are not enough: the filter's rules, band, soft labels,
+    size and sources (the audit in summary.json) must be the study's too."""
+    args = _args(study_module, demo_root, tmp_path / "out", "--steps", "12", "--batch-size", "4")
+    study = study_module.Study(args)
+    run = study_module.Run("pseudo", 0.25, 0)
+    config = study_module.resolved_config(run, study.argv(run))
+    epochs = study.epochs(0.25, 0)
+    teacher = study.run_dir(study_module.Run("supervised", 0.25, 0)) / "last.pt"
+    wanted = study_module.study_filter_settings(study)
+    assert wanted["size"] == 32 and wanted["soft"] is False
+    audit = {"settings": {**wanted, "chunk": 256}, "counts": {"chexpert": {}}}
+    earlier = tmp_path / "earlier"
+    other_rules = ["PositiveAgreementRule(threshold=0.3, min_area=100.0)", *wanted["rules"][1:]]
+    candidates = {
+        "a-soft": {**audit, "settings": {**audit["settings"], "soft": True}},
+        "b-threshold": {**audit, "settings": {**audit["settings"], "rules": other_rules}},
+        "c-with-nih": {**audit, "counts": {"chexpert": {}, "nih": {}}},
+        "d-no-audit": {},
+        "e-same": audit,
+    }
+    for name, candidate_audit in candidates.items():
+        _fake_pseudo_run(earlier / name, config, epochs, teacher, **candidate_audit)
+    assert study_module.adopt(study, run, [earlier]) == earlier / "e-same"
 
 
 def test_report_block_replaces_only_its_own_part(study_module, tmp_path) -> None:
