@@ -239,27 +239,22 @@ def main(argv: list[str] | None = None) -> ExportedModel:
         ensure_demo_root(
             data.demo_dir, n_images=data.demo_images, size=data.demo_size, progress=progress
         )
-    layout = {"world_size": context.world_size, "rank": context.rank}
-    pin = context.device.type == "cuda"
-    seed = config.trainer.seed
+    options = context.loader_options()
     try:
         external = read_nih(config)
         labelled, unlabelled, val = build_semi_datasets(config, external, progress=progress)
-        labelled_loader = build_training_stream(
-            config, labelled, progress=progress, pin_memory=pin, **layout
-        )
+        labelled_loader = build_training_stream(config, labelled, progress=progress, **options)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     train_loader = build_two_stream_loader(
         labelled_loader,
         unlabelled,
         batch_size=config.unlabelled.batch_size,
-        seed=seed,
+        seed=config.trainer.seed,
         num_workers=data.num_workers,
-        pin_memory=pin,
-        **layout,
+        **options,
     )
-    val_loader = build_val_loader(val, data, pin_memory=pin, **layout)
+    val_loader = build_val_loader(val, data, **options)
     ema = build_ema_callback(config.ema, default_top_k=config.trainer.top_k)
     trainer = MeanTeacherTrainer(
         create_model(config_to_dict(config.model)),

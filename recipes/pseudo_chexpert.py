@@ -348,18 +348,16 @@ def main(argv: list[str] | None = None) -> PseudoRun | None:
         raise SystemExit(f"error: {error}") from None
 
     # 3. student
-    layout = {"world_size": context.world_size, "rank": context.rank}
-    pin = context.device.type == "cuda"
+    options = context.loader_options()
     train_loader = build_pseudo_train_loader(
         datasets,
         config.data,
         ratio=args.ratio,
         epochs=config.trainer.epochs,
         seed=config.trainer.seed,
-        pin_memory=pin,
-        **layout,
+        **options,
     )
-    val_loader = build_val_loader(datasets.val, config.data, pin_memory=pin, **layout)
+    val_loader = build_val_loader(datasets.val, config.data, **options)
     if context.is_main:
         print(
             f"student: {len(datasets.siim)} SIIM + {len(datasets.pseudo)} pseudo images, "

@@ -90,7 +90,7 @@ from ssl_ptx.engine import (
 from ssl_ptx.engine.data import build_siim_datasets
 from ssl_ptx.engine.distributed import destroy_distributed
 from ssl_ptx.engine.ema_callback import build_ema_callback
-from ssl_ptx.engine.loaders import build_fold_loaders
+from ssl_ptx.engine.loaders import build_val_loader
 from ssl_ptx.engine.pseudo_data import build_training_stream
 from ssl_ptx.engine.stages import run_stages, stage_configs
 from ssl_ptx.losses import build_loss
@@ -157,16 +157,10 @@ def fit_run(
     train_set, val_set, _ = build_siim_datasets(
         config.data, in_channels=config.model.in_channels, progress=progress
     )
-    train_loader, val_loader = build_fold_loaders(train_set, val_set, config, context)
-    if config.pseudo.dir is not None:  # SIIM + pseudo labels (the 10th place's soft stage)
-        train_loader = build_training_stream(
-            config,
-            train_set,
-            progress=progress,
-            world_size=context.world_size,
-            rank=context.rank,
-            pin_memory=context.device.type == "cuda",
-        )
+    # with pseudo.dir: SIIM + pseudo labels (the 10th place's soft stage)
+    options = context.loader_options()
+    train_loader = build_training_stream(config, train_set, progress=progress, **options)
+    val_loader = build_val_loader(val_set, config.data, **options)
     model = create_model(config_to_dict(config.model))
     if init_weights is not None:
         load_weights(model, init_weights)

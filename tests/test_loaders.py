@@ -9,9 +9,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from ssl_ptx.config import ConfigError, DataConfig
+from ssl_ptx.config import ConfigError, DataConfig, TrainConfig
 from ssl_ptx.data.samplers import ConstantSchedule, LinearSchedule, PositiveRateSampler
+from ssl_ptx.engine.distributed import DistributedContext
 from ssl_ptx.engine.loaders import (
+    build_fold_loaders,
     build_train_loader,
     per_rank_batch,
     positive_rate_schedule,
@@ -95,3 +97,23 @@ def test_siim_training_loader_follows_the_configs_linear_positive_rate() -> None
         shares.append(dataset.labels[drawn].mean())
     assert shares[0] == pytest.approx(0.5, abs=0.03)
     assert shares[1] == pytest.approx(0.25, abs=0.03)
+
+
+def test_fold_loaders_shard_by_the_process_context() -> None:
+    """Each process's loaders take its rank's share: per-process batch = global / world size,
+    the validation shards are disjoint and cover the fold; memory is pinned on CUDA only."""
+    cuda = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cuda:0"))
+    assert cuda.loader_options() == {"world_size": 1, "rank": 0, "pin_memory": True}
+    config = TrainConfig()
+    config.data.batch_size, config.data.num_workers, config.data.positive_rate = 8, 0, None
+    train_set, val_set = _Indexed(40, 10), _Indexed(11, 3)
+    seen_val, seen_train = [], []
+    for rank in range(2):
+        context = DistributedContext(rank, rank, 2, torch.device("cpu"))
+        assert context.loader_options() == {"world_size": 2, "rank": rank, "pin_memory": False}
+        train_loader, val_loader = build_fold_loaders(train_set, val_set, config, context)
+        assert train_loader.batch_size == 4 and not train_loader.pin_memory
+        seen_train.append({i for batch in train_loader for i in batch.tolist()})
+        seen_val.append([i for batch in val_loader for i in batch.tolist()])
+    assert not seen_train[0] & seen_train[1]
+    assert sorted(seen_val[0] + seen_val[1]) == list(range(11))

@@ -62,6 +62,15 @@ class DistributedContext:
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    def loader_options(self) -> dict[str, Any]:
+        """``world_size``, ``rank`` and ``pin_memory`` (True on CUDA): the keyword arguments
+        that shard this process's loaders (``ssl_ptx.engine.loaders``)."""
+        return {
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "pin_memory": self.device.type == "cuda",
+        }
+
 
 def is_distributed() -> bool:
     """True when a process group with more than one process is initialised."""

@@ -211,17 +211,11 @@ def build_fold_loaders(
 
     See :func:`build_train_loader` and :func:`build_val_loader`.
     """
-    layout = {"world_size": context.world_size, "rank": context.rank}
-    pin = context.device.type == "cuda"
+    options = context.loader_options()
     train_loader = build_train_loader(
-        train_set,
-        config.data,
-        epochs=config.trainer.epochs,
-        seed=config.trainer.seed,
-        pin_memory=pin,
-        **layout,
+        train_set, config.data, epochs=config.trainer.epochs, seed=config.trainer.seed, **options
     )
-    return train_loader, build_val_loader(val_set, config.data, pin_memory=pin, **layout)
+    return train_loader, build_val_loader(val_set, config.data, **options)
 
 
 def loader_sampler(loader: DataLoader) -> Any:
